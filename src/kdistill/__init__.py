@@ -1,0 +1,40 @@
+"""kdistill: knowledge distillation for PyTorch models.
+
+``from kdistill import Distiller, FeaturePair`` is all the library use needs;
+see the README for the 15-line example.
+"""
+
+from kdistill.adapters import build_adapter
+from kdistill.distiller import Distiller, FeaturePair
+from kdistill.errors import (
+    CheckpointError,
+    ClassCountError,
+    ConfigError,
+    FeatureShapeError,
+    HookNotFiredError,
+    KDistillError,
+    LayerNotFoundError,
+    NonFiniteLossError,
+)
+from kdistill.hooks import FeatureRecorder
+from kdistill.losses import FEATURE_LOSSES, RESPONSE_LOSSES
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FEATURE_LOSSES",
+    "RESPONSE_LOSSES",
+    "CheckpointError",
+    "ClassCountError",
+    "ConfigError",
+    "Distiller",
+    "FeaturePair",
+    "FeatureRecorder",
+    "FeatureShapeError",
+    "HookNotFiredError",
+    "KDistillError",
+    "LayerNotFoundError",
+    "NonFiniteLossError",
+    "__version__",
+    "build_adapter",
+]

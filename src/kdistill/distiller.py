@@ -1,0 +1,326 @@
+"""The :class:`Distiller`: teacher + student + adapters → the spec's loss dict."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdistill import losses
+from kdistill.adapters import build_adapter
+from kdistill.errors import ClassCountError, ConfigError, FeatureShapeError, NonFiniteLossError
+from kdistill.hooks import FeatureRecorder, first_tensor
+
+
+@dataclass(frozen=True)
+class FeaturePair:
+    """One feature-distillation term: ``weight · loss(adapter(h_student), h_teacher)``.
+
+    Args:
+        student: dotted path of the student layer (as in ``named_modules()``).
+        teacher: dotted path of the teacher layer.
+        weight: ``w_i`` in the spec's ``L_feat = Σ w_i · MSE``.
+        loss: a name in :data:`kdistill.losses.FEATURE_LOSSES` or a function.
+        adapter: a module to use instead of the one built from the shapes.
+    """
+
+    student: str
+    teacher: str
+    weight: float = 1.0
+    loss: str | Callable = "mse"
+    adapter: nn.Module | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def name(self) -> str:
+        """``"<student>-><teacher>"``, the suffix of the pair's ``feature/...`` entry."""
+        return f"{self.student}->{self.teacher}"
+
+
+def default_logits(output: Any) -> Tensor:
+    """The default logits rule: a tensor is the logits; else ``.logits`` (Hugging Face
+    ``ModelOutput``), a mapping's ``"logits"`` entry, or a tuple's first element."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(output, Mapping) and "logits" in output:
+        return output["logits"]
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, Tensor):
+        return logits
+    if isinstance(output, (tuple, list)) and output:
+        return default_logits(output[0])
+    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}; pass logits_fn=")
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(**inputs)`` for a mapping, ``model(*inputs)`` for a tuple/list, else ``model(inputs)``."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def token_mask(inputs: Any) -> Tensor | None:
+    """The ``(N, T)`` attention mask of Hugging Face style inputs, if any."""
+    if isinstance(inputs, Mapping):
+        mask = inputs.get("attention_mask")
+        if isinstance(mask, Tensor):
+            return mask
+    return None
+
+
+class Distiller(nn.Module):
+    """Trains ``student`` to reproduce ``teacher`` (spec sections 1 and 2).
+
+    ``L_total = β · (α · L_resp + L_feat) + L_CE`` with
+    ``L_resp = τ² · KL(softmax(z_t/τ) ‖ softmax(z_s/τ))`` and
+    ``L_feat = Σ_i w_i · MSE(a_i(h_s^i), h_t^i)``.
+
+    Args:
+        teacher: the trained model; frozen, kept in eval mode, run without autograd,
+            and deliberately *not* a submodule (never in ``state_dict()``, an optimizer or DDP).
+        student: the model to train; registered as ``self.student``, unchanged.
+        feature_pairs: the layers to match; ``[]`` for response distillation only.
+        alpha: ``α``, weight of the response term inside ``L_distill``.
+        beta: ``β``, weight of ``L_distill`` against the cross-entropy.
+        temperature: ``τ``.
+        temperature_squared: multiply the response term by ``τ²`` (default on).
+        response_loss: a name in :data:`kdistill.losses.RESPONSE_LOSSES` or a function
+            ``(student_rows, teacher_rows, τ) -> scalar``.
+        ignore_index: label value of rows left out of the response and CE terms.
+        logits_fn: extracts the logits from a model output (default :func:`default_logits`).
+        feature_fn: extracts a tensor from a hooked layer's output (default
+            :func:`kdistill.hooks.first_tensor`).
+        sample_input: if given, adapters are built now from the shapes it produces;
+            otherwise at the first forward (call :meth:`build` before creating an optimizer).
+        check_finite: raise :class:`NonFiniteLossError` naming the term when the loss
+            is NaN or infinite.
+
+    ``forward(inputs, labels=None)`` returns a dict with ``loss``, ``ce``, ``response``,
+    ``feature``, one ``feature/<student>-><teacher>`` per pair and ``logits``. Inputs
+    that are a mapping are passed as keyword arguments (``model(**inputs)``), a tuple
+    as positional ones; a mapping's ``attention_mask`` masks padding out of token-level
+    terms.
+    """
+
+    def __init__(
+        self,
+        teacher: nn.Module,
+        student: nn.Module,
+        feature_pairs: Sequence[FeaturePair] = (),
+        *,
+        alpha: float = 1.0,
+        beta: float = 1.0,
+        temperature: float = 4.0,
+        temperature_squared: bool = True,
+        response_loss: str | Callable = "kl",
+        ignore_index: int = -100,
+        logits_fn: Callable[[Any], Tensor] = default_logits,
+        feature_fn: Callable[[Any], Tensor] = first_tensor,
+        sample_input: Any = None,
+        check_finite: bool = True,
+    ) -> None:
+        super().__init__()
+        _check_range("temperature", temperature, minimum=0.0, inclusive=False)
+        _check_range("alpha", alpha, minimum=0.0)
+        _check_range("beta", beta, minimum=0.0)
+        self.pairs = list(feature_pairs)
+        for pair in self.pairs:
+            _check_range(f"weight of feature pair {pair.name}", pair.weight, minimum=0.0)
+        names = [pair.name for pair in self.pairs]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"feature pairs repeat: {names}")
+        self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)
+        self.temperature_squared = temperature_squared
+        self.ignore_index = ignore_index
+        self.check_finite = check_finite
+        self.logits_fn = logits_fn
+        self._response_loss = losses.resolve(response_loss, losses.RESPONSE_LOSSES, "response")
+        self._feature_losses = [losses.resolve(p.loss, losses.FEATURE_LOSSES, "feature") for p in self.pairs]
+
+        self.student = student
+        teacher.requires_grad_(False)
+        teacher.eval()
+        object.__setattr__(self, "teacher", teacher)  # see the class docstring: not a submodule
+
+        self._student_recorder = FeatureRecorder(student, [p.student for p in self.pairs], feature_fn, "student")
+        self._teacher_recorder = FeatureRecorder(teacher, [p.teacher for p in self.pairs], feature_fn, "teacher")
+        # Keyed by pair position: ModuleDict keys cannot hold the dots of layer paths.
+        self.adapters = nn.ModuleDict()
+        self._built = not self.pairs
+        if sample_input is not None:
+            self.build(sample_input)
+
+    # -- construction -------------------------------------------------------------
+
+    @torch.no_grad()
+    def build(self, sample_input: Any) -> None:
+        """Build the adapters from the feature shapes that ``sample_input`` produces.
+
+        Runs teacher and student once without gradients (the student in eval mode,
+        so batch-norm statistics are untouched). Does nothing if already built.
+        """
+        if self._built:
+            return
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            self._teacher_recorder.clear()
+            self._student_recorder.clear()
+            teacher_out = call_model(self.teacher, sample_input)
+            teacher_features = self._teacher_recorder.pop()
+            student_out = call_model(self.student, sample_input)
+            student_features = self._student_recorder.pop()
+            self._check_logits(self.logits_fn(student_out), self.logits_fn(teacher_out))
+            self._build_adapters(student_features, teacher_features)
+        finally:
+            self.student.train(was_training)
+
+    def _build_adapters(self, student_features: dict[str, Tensor], teacher_features: dict[str, Tensor]) -> None:
+        reference = next(iter(student_features.values()))
+        for index, pair in enumerate(self.pairs):
+            student_feature = student_features[pair.student]
+            teacher_feature = teacher_features[pair.teacher]
+            adapter = pair.adapter
+            if adapter is None:
+                adapter = build_adapter(student_feature.shape, teacher_feature.shape, pair.name)
+            self.adapters[str(index)] = adapter.to(device=reference.device)
+        self._built = True
+
+    # -- the contract ---------------------------------------------------------------
+
+    def trainable_parameters(self) -> Iterator[nn.Parameter]:
+        """The student's parameters, then the adapters' (in pair order): what to optimise."""
+        if not self._built:
+            raise RuntimeError(
+                "the adapters are built from the feature shapes: pass sample_input= to Distiller "
+                "or call distiller.build(inputs) before creating the optimizer"
+            )
+        for parameter in list(self.student.parameters()) + list(self.adapters.parameters()):
+            if parameter.requires_grad:
+                yield parameter
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        self.teacher.eval()  # the teacher is a fixed function: dropout off, batch-norm statistics frozen
+        return self
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> Distiller:
+        # .to(), .cuda(), .half() move the teacher too, although it is not a submodule.
+        self.teacher._apply(fn)
+        return super()._apply(fn, recurse)
+
+    def forward(self, inputs: Any, labels: Tensor | None = None) -> dict[str, Tensor]:
+        """One distillation step's losses; see the class docstring for the keys."""
+        mask = token_mask(inputs)
+        self._teacher_recorder.clear()
+        self._student_recorder.clear()
+        with torch.no_grad():
+            teacher_logits = self.logits_fn(call_model(self.teacher, inputs))
+            teacher_features = self._teacher_recorder.pop()
+        student_logits = self.logits_fn(call_model(self.student, inputs))
+        student_features = self._student_recorder.pop()
+        self._check_logits(student_logits, teacher_logits)
+        if not self._built:
+            self._build_adapters(student_features, teacher_features)
+        return self.compute_losses(student_logits, teacher_logits, student_features, teacher_features, labels, mask)
+
+    def compute_losses(
+        self,
+        student_logits: Tensor,
+        teacher_logits: Tensor,
+        student_features: Mapping[str, Tensor],
+        teacher_features: Mapping[str, Tensor],
+        labels: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """The loss dict from already computed outputs (also used with cached teacher outputs)."""
+        response_mask = mask if _is_token_mask(mask, student_logits) else None
+        response = losses.response_loss(
+            student_logits,
+            teacher_logits,
+            self.temperature,
+            labels,
+            ignore_index=self.ignore_index,
+            mask=response_mask,
+            temperature_squared=self.temperature_squared,
+            loss=self._response_loss,
+        )
+        out: dict[str, Tensor] = {}
+        feature = student_logits.new_zeros((), dtype=torch.float32)
+        for index, (pair, loss_fn) in enumerate(zip(self.pairs, self._feature_losses)):
+            student_feature = self.adapters[str(index)](student_features[pair.student])
+            teacher_feature = teacher_features[pair.teacher].detach()
+            if student_feature.shape != teacher_feature.shape:
+                raise FeatureShapeError(  # only reachable with a user-given adapter
+                    f"adapter of feature pair {pair.name} gives shape {tuple(student_feature.shape)}, "
+                    f"teacher feature has {tuple(teacher_feature.shape)}"
+                )
+            pair_mask = mask if _is_token_mask(mask, teacher_feature) else None
+            term = loss_fn(student_feature, teacher_feature, pair_mask)
+            out[f"feature/{pair.name}"] = term
+            feature = feature + pair.weight * term
+        if labels is not None:
+            ce = losses.cross_entropy(student_logits, labels, self.ignore_index)
+        else:
+            ce = student_logits.new_zeros((), dtype=torch.float32)
+        total = self.beta * (self.alpha * response + feature) + ce
+        out = {"loss": total, "ce": ce, "response": response, "feature": feature, **out, "logits": student_logits}
+        if self.check_finite and not bool(torch.isfinite(total)):
+            raise _non_finite(out)
+        return out
+
+    def _check_logits(self, student_logits: Tensor, teacher_logits: Tensor) -> None:
+        if student_logits.shape[-1] != teacher_logits.shape[-1]:
+            raise ClassCountError(
+                f"teacher predicts {teacher_logits.shape[-1]} classes but the student predicts "
+                f"{student_logits.shape[-1]}; both must use the same label set"
+            )
+        if student_logits.shape != teacher_logits.shape:
+            raise ClassCountError(
+                f"teacher logits have shape {tuple(teacher_logits.shape)} but student logits "
+                f"{tuple(student_logits.shape)}"
+            )
+
+    # -- hooks' lifetime ---------------------------------------------------------------
+
+    def close(self) -> None:
+        """Remove every hook from teacher and student; both models are as they were."""
+        self._student_recorder.close()
+        self._teacher_recorder.close()
+
+    def __enter__(self) -> Distiller:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def extra_repr(self) -> str:
+        return (
+            f"teacher={type(self.teacher).__name__}, alpha={self.alpha}, beta={self.beta}, "
+            f"temperature={self.temperature}, pairs={[p.name for p in self.pairs]}"
+        )
+
+
+def _is_token_mask(mask: Tensor | None, tensor: Tensor) -> bool:
+    return mask is not None and tensor.dim() >= 3 and tuple(mask.shape) == tuple(tensor.shape[:2])
+
+
+def _check_range(name: str, value: float, minimum: float, inclusive: bool = True) -> None:
+    ok = value >= minimum if inclusive else value > minimum
+    if not (isinstance(value, (int, float)) and ok and value == value and value != float("inf")):
+        bound = f"≥ {minimum:g}" if inclusive else f"> {minimum:g}"
+        raise ConfigError(f"{name} must be a finite number {bound}, got {value!r}")
+
+
+def _non_finite(out: Mapping[str, Tensor]) -> NonFiniteLossError:
+    terms = [
+        name for name, value in out.items() if name not in ("loss", "logits") and not bool(torch.isfinite(value).all())
+    ]
+    which = ", ".join(terms) if terms else "loss"
+    if not bool(torch.isfinite(out["logits"]).all()):
+        which += " (the student's logits are not finite: check the inputs and the learning rate)"
+    return NonFiniteLossError(f"non-finite loss in term {which}", term=terms[0] if terms else "loss")

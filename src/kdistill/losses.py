@@ -1,0 +1,178 @@
+"""Pure loss functions and the registries that name them.
+
+Student first, teacher second, always. Response losses take logits rows of
+shape ``(R, C)`` (already flattened and masked by the caller) and return the
+divergence at temperature ``τ`` *without* the ``τ²`` factor; the distiller
+applies ``τ²`` in one place. Feature losses take two tensors of equal shape
+``(N, ...)`` and an optional ``(N, T)`` mask of real tokens.
+
+Adding a loss is adding an entry to :data:`RESPONSE_LOSSES` or
+:data:`FEATURE_LOSSES` (or passing the function itself); the distiller never
+changes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ResponseLoss = Callable[[Tensor, Tensor, float], Tensor]
+FeatureLoss = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
+
+
+def kl_rows(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """Per-row ``KL(P_t ‖ P_s)`` with ``P = softmax(z / τ)``, in float32 (or float64) log space.
+
+    Args:
+        student_logits: ``(R, C)``.
+        teacher_logits: ``(R, C)``; carries no gradient in practice.
+        temperature: ``τ > 0``.
+
+    Returns:
+        ``(R,)`` divergences, each ``≥ 0``, float32 unless the logits are float64.
+    """
+    log_p_student = F.log_softmax(_at_least_float32(student_logits) / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(_at_least_float32(teacher_logits) / temperature, dim=-1)
+    p_teacher = log_p_teacher.exp()
+    # Where the teacher gives a class probability 0 (a -inf logit), its term is 0, not 0·∞.
+    terms = torch.where(p_teacher > 0, p_teacher * (log_p_teacher - log_p_student), 0.0)
+    return terms.sum(dim=-1)
+
+
+def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """``mean_rows KL(P_t ‖ P_s)`` for ``(R, C)`` logits (no ``τ²``; see module doc)."""
+    return kl_rows(student_logits, teacher_logits, temperature).mean()
+
+
+def feature_mse(student_feature: Tensor, teacher_feature: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Mean squared error over all elements, in float32.
+
+    Args:
+        student_feature: ``(N, ...)``, already adapted to the teacher's shape.
+        teacher_feature: ``(N, ...)``.
+        mask: optional ``(N, T)`` weights of real tokens for ``(N, T, D)`` features;
+            masked positions (padding) do not count at all.
+    """
+    diff = (student_feature.float() - teacher_feature.float()).square()
+    if mask is None:
+        return diff.mean()
+    weights = _expand_mask(mask, diff)
+    per_position = diff[0, 0].numel() if diff.dim() > 2 else 1
+    return (diff * weights).sum() / (weights.sum() * per_position).clamp_min(1)
+
+
+def feature_cosine(student_feature: Tensor, teacher_feature: Tensor, mask: Tensor | None = None) -> Tensor:
+    """``1 − cos`` between student and teacher features, averaged.
+
+    Without a mask each sample's feature is flattened to one vector (so ``(N, C, H, W)``
+    maps compare whole maps). With an ``(N, T)`` token mask, ``(N, T, D)`` features
+    compare token by token over ``D`` and padding tokens do not count.
+    """
+    student_feature, teacher_feature = student_feature.float(), teacher_feature.float()
+    if mask is None:
+        cosine = F.cosine_similarity(student_feature.flatten(1), teacher_feature.flatten(1), dim=1)
+        return (1 - cosine).mean()
+    cosine = F.cosine_similarity(student_feature.flatten(2), teacher_feature.flatten(2), dim=2)
+    weights = mask.to(cosine.dtype)
+    return ((1 - cosine) * weights).sum() / weights.sum().clamp_min(1)
+
+
+def _at_least_float32(tensor: Tensor) -> Tensor:
+    """Half and bfloat16 are promoted to float32 (whatever autocast gave); float64 stays."""
+    return tensor if tensor.dtype == torch.float64 else tensor.float()
+
+
+def _expand_mask(mask: Tensor, like: Tensor) -> Tensor:
+    if like.dim() < 2 or tuple(mask.shape) != tuple(like.shape[:2]):
+        raise ValueError(
+            f"a token mask of shape {tuple(mask.shape)} does not fit a feature of shape {tuple(like.shape)}"
+        )
+    return mask.to(like.dtype).reshape(*mask.shape, *([1] * (like.dim() - 2)))
+
+
+def select_rows(logits: Tensor, labels: Tensor | None, ignore_index: int, mask: Tensor | None = None) -> Tensor:
+    """Flatten ``(N, C)`` or ``(N, T, C)`` logits to ``(R, C)`` rows that count.
+
+    A row counts unless its label equals ``ignore_index`` or its ``mask`` entry
+    (same shape as the labels, e.g. an attention mask) is 0.
+    """
+    rows = logits.reshape(-1, logits.shape[-1])
+    keep = None
+    if labels is not None:
+        keep = labels.reshape(-1) != ignore_index
+    if mask is not None:
+        real = mask.reshape(-1).bool()
+        keep = real if keep is None else keep & real
+    if keep is None:
+        return rows
+    if keep.numel() != rows.shape[0]:
+        raise ValueError(
+            f"{keep.numel()} labels/mask entries for {rows.shape[0]} logit rows of shape {tuple(logits.shape)}"
+        )
+    return rows[keep]
+
+
+def response_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float,
+    labels: Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    mask: Tensor | None = None,
+    temperature_squared: bool = True,
+    loss: ResponseLoss = kl_divergence,
+) -> Tensor:
+    """``L_resp = τ² · mean_rows KL(P_t ‖ P_s)`` as in the spec, for class or token logits.
+
+    Args:
+        student_logits: ``(N, C)`` or ``(N, T, C)``.
+        teacher_logits: same shape as ``student_logits``.
+        temperature: ``τ > 0``.
+        labels: optional ``(N,)`` or ``(N, T)``; rows labelled ``ignore_index`` are left out.
+        mask: optional, shaped like the labels; rows where it is 0 are left out.
+        temperature_squared: multiply by ``τ²`` (Hinton et al. 2015), on by default.
+        loss: the divergence on ``(R, C)`` rows, ``kl_divergence`` by default.
+
+    Returns:
+        A float32 scalar; 0 (still attached to the graph) when no row counts.
+    """
+    student_rows = select_rows(student_logits, labels, ignore_index, mask)
+    teacher_rows = select_rows(teacher_logits, labels, ignore_index, mask)
+    if student_rows.shape[0] == 0:
+        return student_logits.float().sum() * 0.0
+    value = loss(student_rows, teacher_rows, temperature)
+    # τ² keeps the soft-target gradients, which scale as 1/τ², comparable across
+    # temperatures (Hinton et al. 2015); it applies whatever α is.
+    return value * temperature**2 if temperature_squared else value
+
+
+def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy over the rows whose label is not ``ignore_index``, in float32.
+
+    ``logits`` is ``(N, C)`` or ``(N, T, C)``, ``labels`` ``(N,)`` or ``(N, T)``.
+    Returns 0 (attached to the graph) when every row is ignored, never NaN.
+    """
+    rows = _at_least_float32(logits.reshape(-1, logits.shape[-1]))
+    targets = labels.reshape(-1).long()
+    total = F.cross_entropy(rows, targets, ignore_index=ignore_index, reduction="sum")
+    count = (targets != ignore_index).sum()
+    return total / count.clamp_min(1)
+
+
+RESPONSE_LOSSES: dict[str, ResponseLoss] = {"kl": kl_divergence}
+FEATURE_LOSSES: dict[str, FeatureLoss] = {"mse": feature_mse, "cosine": feature_cosine}
+
+
+def resolve(loss: str | Callable, registry: dict[str, Callable], kind: str) -> Callable:
+    """A loss function from a registry name or the function itself."""
+    if callable(loss):
+        return loss
+    if loss not in registry:
+        from kdistill.errors import ConfigError, did_you_mean
+
+        raise ConfigError(f"unknown {kind} loss {loss!r}{did_you_mean(loss, registry)} (known: {', '.join(registry)})")
+    return registry[loss]

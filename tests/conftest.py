@@ -1,0 +1,56 @@
+"""Tiny CPU models shared by the tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+class TinyConvNet(nn.Module):
+    """``(N, 1, 8, 8)`` → ``(N, classes)``; layers ``conv1``, ``conv2``, ``pool``, ``fc``."""
+
+    def __init__(self, width: int = 8, classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width), nn.ReLU())
+        self.conv2 = nn.Sequential(nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), nn.ReLU())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(2 * width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.pool(self.conv2(self.conv1(x))).flatten(1))
+
+
+class TupleOutputNet(TinyConvNet):
+    """Returns ``(logits, extra)`` like many research models."""
+
+    def forward(self, x: torch.Tensor):  # type: ignore[override]
+        return super().forward(x), torch.zeros(1)
+
+
+class DictOutputNet(TinyConvNet):
+    """Returns ``{"logits": ...}`` like Hugging Face models with ``return_dict``."""
+
+    def forward(self, x: torch.Tensor):  # type: ignore[override]
+        return {"hidden": torch.zeros(1), "logits": super().forward(x)}
+
+
+@pytest.fixture
+def seeded() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def teacher(seeded) -> TinyConvNet:
+    return TinyConvNet(width=16)
+
+
+@pytest.fixture
+def student(seeded) -> TinyConvNet:
+    return TinyConvNet(width=4)
+
+
+@pytest.fixture
+def batch() -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(6, 1, 8, 8, generator=generator), torch.randint(0, 10, (6,), generator=generator)

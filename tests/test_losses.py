@@ -1,0 +1,179 @@
+"""The loss functions against the hand-written float64 reference of the spec."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kdistill import losses
+from tests import reference
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0, 10.0])
+@pytest.mark.parametrize("squared", [True, False])
+def test_response_matches_reference_for_class_logits(temperature, squared):
+    generator = torch.Generator().manual_seed(3)
+    student, teacher = torch.randn(2, 7, 5, generator=generator).double().unbind(0)
+    got = losses.response_loss(student, teacher, temperature, temperature_squared=squared)
+    want = reference.response(student, teacher, temperature, squared=squared)
+    assert got.item() == pytest.approx(want, rel=1e-10)
+    single = losses.response_loss(student.float(), teacher.float(), temperature, temperature_squared=squared)
+    assert single.dtype == torch.float32
+    assert single.item() == pytest.approx(want, rel=1e-5, abs=1e-6 * temperature**2)
+
+
+def test_response_without_tau_squared_is_plain_kl_divergence():
+    generator = torch.Generator().manual_seed(4)
+    student, teacher = torch.randn(2, 9, 6, generator=generator).unbind(0)
+    temperature = 3.0
+    got = losses.response_loss(student, teacher, temperature, temperature_squared=False)
+    log_p_s = torch.log_softmax(student / temperature, -1)
+    log_p_t = torch.log_softmax(teacher / temperature, -1)
+    plain = torch.nn.functional.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
+    assert got.item() == pytest.approx(plain.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 5.0])
+def test_response_on_token_logits_leaves_ignored_rows_out(temperature):
+    generator = torch.Generator().manual_seed(5)
+    student, teacher = torch.randn(2, 3, 4, 6, generator=generator).unbind(0)
+    labels = torch.tensor([[1, -100, 2, 3], [-100, -100, 0, 5], [4, 4, -100, 1]])
+    got = losses.response_loss(student, teacher, temperature, labels, ignore_index=-100)
+    want = reference.response(student, teacher, temperature, labels, ignore_index=-100)
+    assert got.item() == pytest.approx(want, rel=1e-5)
+    # Changing an ignored row changes nothing.
+    student2 = student.clone()
+    student2[0, 1] += 100.0
+    again = losses.response_loss(student2, teacher, temperature, labels, ignore_index=-100)
+    assert again.item() == pytest.approx(got.item(), rel=1e-6)
+
+
+def test_response_with_every_row_ignored_is_zero_and_differentiable():
+    student = torch.randn(2, 3, 4, requires_grad=True)
+    teacher = torch.randn(2, 3, 4)
+    labels = torch.full((2, 3), -100)
+    value = losses.response_loss(student, teacher, 2.0, labels)
+    assert value.item() == 0.0
+    value.backward()
+    assert torch.equal(student.grad, torch.zeros_like(student))
+
+
+@pytest.mark.parametrize("temperature", [1.0, 3.0, 7.5])
+def test_response_gradient_equals_closed_form(temperature):
+    generator = torch.Generator().manual_seed(6)
+    student = torch.randn(8, 5, generator=generator, dtype=torch.float64).requires_grad_()
+    teacher = torch.randn(8, 5, generator=generator, dtype=torch.float64)
+    losses.response_loss(student, teacher, temperature).backward()
+    p_s = torch.softmax(student.detach() / temperature, -1)
+    p_t = torch.softmax(teacher / temperature, -1)
+    closed_form = temperature * (p_s - p_t) / student.shape[0]
+    torch.testing.assert_close(student.grad, closed_form, rtol=1e-5, atol=1e-7)
+
+
+def test_response_is_computed_in_float32_from_half_logits():
+    generator = torch.Generator().manual_seed(7)
+    student, teacher = torch.randn(2, 16, 10, generator=generator).unbind(0)
+    got = losses.response_loss(student.half(), teacher.half(), 4.0)
+    want = reference.response(student.half().float(), teacher.half().float(), 4.0)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(want, rel=1e-4)
+
+
+def test_teacher_minus_infinity_logits_give_finite_loss():
+    teacher = torch.tensor([[0.0, 1.0, float("-inf")]])
+    student = torch.tensor([[0.5, 0.2, 0.1]], requires_grad=True)
+    value = losses.response_loss(student, teacher, 1.0)
+    value.backward()
+    assert torch.isfinite(value)
+    assert torch.isfinite(student.grad).all()
+    kept = torch.tensor([[0.0, 1.0]])
+    want = reference.response(torch.log_softmax(student.detach(), -1)[:, :2], kept, 1.0)
+    # Renormalising the student over the two live classes adds log of its mass there.
+    mass = torch.softmax(student.detach(), -1)[0, :2].sum().item()
+    assert value.item() == pytest.approx(want - torch.tensor(mass).log().item(), rel=1e-5)
+
+
+logit_rows = st.lists(
+    st.lists(st.floats(-30, 30, allow_nan=False, width=32), min_size=4, max_size=4), min_size=1, max_size=5
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(student=logit_rows, teacher=logit_rows, temperature=st.floats(0.25, 20))
+def test_kl_is_non_negative(student, teacher, temperature):
+    rows = min(len(student), len(teacher))
+    value = losses.response_loss(torch.tensor(student[:rows]), torch.tensor(teacher[:rows]), temperature)
+    assert value.item() >= -1e-5
+
+
+@settings(max_examples=60, deadline=None)
+@given(logits=logit_rows, temperature=st.floats(0.25, 20))
+def test_kl_of_identical_logits_is_zero(logits, temperature):
+    tensor = torch.tensor(logits)
+    assert abs(losses.response_loss(tensor, tensor.clone(), temperature).item()) < 1e-5
+
+
+@settings(max_examples=60, deadline=None)
+@given(student=logit_rows, teacher=logit_rows, shift=st.floats(-50, 50), temperature=st.floats(0.5, 10))
+def test_kl_is_unchanged_by_a_constant_added_to_a_row(student, teacher, shift, temperature):
+    rows = min(len(student), len(teacher))
+    s, t = torch.tensor(student[:rows], dtype=torch.float64), torch.tensor(teacher[:rows], dtype=torch.float64)
+    base = losses.response_loss(s, t, temperature).item()
+    shifted_s = s.clone()
+    shifted_s[0] += shift
+    shifted_t = t.clone()
+    shifted_t[-1] -= shift
+    assert losses.response_loss(shifted_s, shifted_t, temperature).item() == pytest.approx(base, rel=1e-3, abs=1e-3)
+
+
+def test_cross_entropy_matches_reference_and_ignores_rows():
+    generator = torch.Generator().manual_seed(8)
+    logits = torch.randn(3, 4, 6, generator=generator)
+    labels = torch.tensor([[1, -100, 2, 3], [-100, -100, 0, 5], [4, 4, -100, 1]])
+    got = losses.cross_entropy(logits, labels)
+    assert got.item() == pytest.approx(reference.cross_entropy(logits, labels), rel=1e-5)
+
+
+def test_cross_entropy_with_every_row_ignored_is_zero_not_nan():
+    logits = torch.randn(2, 3, requires_grad=True)
+    value = losses.cross_entropy(logits, torch.full((2,), -100))
+    assert value.item() == 0.0
+    value.backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_feature_mse_matches_reference():
+    generator = torch.Generator().manual_seed(9)
+    a, b = torch.randn(2, 3, 4, 5, 5, generator=generator).unbind(0)
+    assert losses.feature_mse(a, b).item() == pytest.approx(reference.mse(a, b), rel=1e-5)
+
+
+def test_masked_feature_mse_ignores_padding_exactly():
+    generator = torch.Generator().manual_seed(10)
+    student, teacher = torch.randn(2, 2, 5, 3, generator=generator).unbind(0)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    got = losses.feature_mse(student, teacher, mask)
+    real_student = torch.cat([student[0, :3], student[1, :4]])
+    real_teacher = torch.cat([teacher[0, :3], teacher[1, :4]])
+    assert got.item() == pytest.approx(reference.mse(real_student, real_teacher), rel=1e-6)
+    student[0, 4] = 1e6  # padding: any value, same loss
+    assert losses.feature_mse(student, teacher, mask).item() == pytest.approx(got.item(), rel=1e-6)
+
+
+def test_cosine_feature_loss_is_zero_for_parallel_features_and_respects_mask():
+    feature = torch.randn(3, 4, 5)
+    assert losses.feature_cosine(2 * feature, feature).item() == pytest.approx(0.0, abs=1e-6)
+    mask = torch.tensor([[1, 1, 0, 0]] * 3)
+    other = feature.clone()
+    other[:, 2:] = -other[:, 2:]  # only padding differs
+    assert losses.feature_cosine(other, feature, mask).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.feature_cosine(other, feature).item() > 0.1
+
+
+def test_unknown_loss_name_lists_known_ones():
+    from kdistill.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="did you mean 'mse'"):
+        losses.resolve("mes", losses.FEATURE_LOSSES, "feature")
