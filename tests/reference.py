@@ -51,3 +51,35 @@ def mse(a: torch.Tensor, b: torch.Tensor) -> float:
 def total(alpha, beta, response_value, feature_terms, weights, ce_value) -> float:
     feature = sum(w * f for w, f in zip(weights, feature_terms))
     return beta * (alpha * response_value + feature) + ce_value
+
+
+def _kl(p, q) -> float:
+    return sum(a * (math.log(a) - math.log(b)) for a, b in zip(p, q) if a > 0)
+
+
+def dkd(student, teacher, labels, temperature, alpha=1.0, beta=8.0) -> float:
+    """Zhao et al. 2022, eq. (1)-(4), row by row: α·KL(b_t‖b_s) + β·KL(p̂_t‖p̂_s), times τ²."""
+    values = []
+    for s_row, t_row, gt in zip(student.double().tolist(), teacher.double().tolist(), labels.tolist()):
+        p_s, p_t = softmax_row(s_row, temperature), softmax_row(t_row, temperature)
+        b_s, b_t = [p_s[gt], 1 - p_s[gt]], [p_t[gt], 1 - p_t[gt]]
+        rest_s = [p / (1 - p_s[gt]) for c, p in enumerate(p_s) if c != gt]
+        rest_t = [p / (1 - p_t[gt]) for c, p in enumerate(p_t) if c != gt]
+        values.append(alpha * _kl(b_t, b_s) + beta * _kl(rest_t, rest_s))
+    return temperature**2 * sum(values) / len(values)
+
+
+def _pearson(x, y) -> float:
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    cov = sum((a - mx) * (b - my) for a, b in zip(x, y))
+    return cov / math.sqrt(sum((a - mx) ** 2 for a in x) * sum((b - my) ** 2 for b in y))
+
+
+def dist(student, teacher, temperature, beta=1.0, gamma=1.0) -> float:
+    """Huang et al. 2022: τ²·(β·(1 − mean_i ρ(rows)) + γ·(1 − mean_c ρ(columns)))."""
+    p_s = [softmax_row(r, temperature) for r in student.double().tolist()]
+    p_t = [softmax_row(r, temperature) for r in teacher.double().tolist()]
+    inter = 1 - sum(_pearson(a, b) for a, b in zip(p_s, p_t)) / len(p_s)
+    columns = range(len(p_s[0]))
+    intra = 1 - sum(_pearson([r[c] for r in p_s], [r[c] for r in p_t]) for c in columns) / len(columns)
+    return temperature**2 * (beta * inter + gamma * intra)

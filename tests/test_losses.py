@@ -177,3 +177,55 @@ def test_unknown_loss_name_lists_known_ones():
 
     with pytest.raises(ConfigError, match="did you mean 'mse'"):
         losses.resolve("mes", losses.FEATURE_LOSSES, "feature")
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_decoupled_kd_matches_the_papers_formula(temperature):
+    generator = torch.Generator().manual_seed(11)
+    student, teacher = torch.randn(2, 6, 5, generator=generator, dtype=torch.float64).unbind(0)
+    labels = torch.tensor([0, 4, 2, 2, 1, 3])
+    got = losses.response_loss(student, teacher, temperature, labels, loss=losses.decoupled_kl)
+    assert got.item() == pytest.approx(reference.dkd(student, teacher, labels, temperature), rel=1e-9)
+
+
+def test_decoupled_kd_sums_to_plain_kd_with_the_right_weights():
+    # KL = TCKD + (1 − p_t^gt) · NCKD (the paper's eq. 3): DKD with those weights is classic KD.
+    generator = torch.Generator().manual_seed(12)
+    student, teacher = torch.randn(2, 1, 7, generator=generator, dtype=torch.float64).unbind(0)
+    labels = torch.tensor([3])
+    weight = 1 - torch.softmax(teacher, -1)[0, 3].item()
+    dkd = losses.decoupled_kl(student, teacher, 1.0, labels, target_weight=1.0, non_target_weight=weight)
+    assert dkd.item() == pytest.approx(losses.kl_divergence(student, teacher, 1.0).item(), rel=1e-9)
+
+
+def test_decoupled_kd_without_labels_uses_the_teachers_top_class():
+    generator = torch.Generator().manual_seed(13)
+    student, teacher = torch.randn(2, 5, 4, generator=generator, dtype=torch.float64).unbind(0)
+    assert losses.decoupled_kl(student, teacher, 2.0).item() == pytest.approx(
+        losses.decoupled_kl(student, teacher, 2.0, teacher.argmax(-1)).item(), rel=1e-12
+    )
+
+
+@pytest.mark.parametrize("temperature", [1.0, 4.0])
+def test_dist_matches_the_papers_formula(temperature):
+    generator = torch.Generator().manual_seed(14)
+    student, teacher = torch.randn(2, 8, 6, generator=generator, dtype=torch.float64).unbind(0)
+    got = losses.response_loss(student, teacher, temperature, loss=losses.correlation_distance)
+    assert got.item() == pytest.approx(reference.dist(student, teacher, temperature), rel=1e-9)
+    assert losses.correlation_distance(teacher, teacher.clone(), temperature).item() == pytest.approx(0, abs=1e-9)
+
+
+def test_registry_losses_work_inside_the_distiller_with_ignored_rows():
+    from kdistill import Distiller
+
+    torch.manual_seed(0)
+    teacher, student = torch.nn.Linear(3, 5), torch.nn.Linear(3, 5)
+    inputs, labels = torch.randn(6, 3), torch.tensor([0, 1, -100, 3, 4, 2])
+    for name in ("dkd", "dist"):
+        out = Distiller(teacher, student, response_loss=name, temperature=2.0)(inputs, labels)
+        kept = labels != -100
+        with torch.no_grad():
+            want = losses.response_loss(
+                student(inputs)[kept], teacher(inputs)[kept], 2.0, labels[kept], loss=losses.RESPONSE_LOSSES[name]
+            )
+        assert out["response"].item() == pytest.approx(want.item(), rel=1e-6)

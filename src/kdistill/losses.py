@@ -13,13 +13,14 @@ changes.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-ResponseLoss = Callable[[Tensor, Tensor, float], Tensor]
+ResponseLoss = Callable[..., Tensor]  # (student_rows, teacher_rows, temperature[, labels=rows]) -> scalar
 FeatureLoss = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
 
@@ -45,6 +46,75 @@ def kl_rows(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
 def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """``mean_rows KL(P_t ‖ P_s)`` for ``(R, C)`` logits (no ``τ²``; see module doc)."""
     return kl_rows(student_logits, teacher_logits, temperature).mean()
+
+
+def decoupled_kl(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float,
+    labels: Tensor | None = None,
+    target_weight: float = 1.0,
+    non_target_weight: float = 8.0,
+) -> Tensor:
+    """Decoupled KD (Zhao et al. 2022, "Decoupled Knowledge Distillation"), without ``τ²``.
+
+    ``DKD = target_weight · KL(b_t ‖ b_s) + non_target_weight · KL(p̂_t ‖ p̂_s)`` where
+    ``b = [p_gt, 1 − p_gt]`` is the binary target/non-target split of ``softmax(z/τ)`` and
+    ``p̂`` is the softmax over the non-target classes only. The paper's CIFAR-100 setting is
+    ``(1, 8)``. Without labels, the teacher's top class stands in for the ground truth.
+
+    Args:
+        student_logits: ``(R, C)``; teacher_logits: ``(R, C)``; labels: ``(R,)`` or None.
+    """
+    student = _at_least_float32(student_logits) / temperature
+    teacher = _at_least_float32(teacher_logits) / temperature
+    target = teacher.argmax(-1) if labels is None else labels.long()
+    is_target = F.one_hot(target, student.shape[-1]).bool()
+    log_p_student, log_p_teacher = F.log_softmax(student, -1), F.log_softmax(teacher, -1)
+
+    def binary(log_p: Tensor) -> Tensor:  # log [p_gt, 1 − p_gt], stable via logsumexp over each group
+        log_target = log_p.masked_fill(~is_target, float("-inf")).logsumexp(-1)
+        log_rest = log_p.masked_fill(is_target, float("-inf")).logsumexp(-1)
+        return torch.stack([log_target, log_rest], -1)
+
+    def kl(log_p_t: Tensor, log_p_s: Tensor) -> Tensor:
+        p_t = log_p_t.exp()
+        return torch.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0).sum(-1)
+
+    target_part = kl(binary(log_p_teacher), binary(log_p_student))
+    # Softmax over the non-target classes: the target's logit is removed (−∞), not just down-weighted.
+    non_target_teacher = F.log_softmax(teacher.masked_fill(is_target, float("-inf")), -1)
+    non_target_student = F.log_softmax(student.masked_fill(is_target, float("-inf")), -1)
+    non_target_part = kl(non_target_teacher, non_target_student)
+    return (target_weight * target_part + non_target_weight * non_target_part).mean()
+
+
+def _pearson_distance(a: Tensor, b: Tensor, dim: int) -> Tensor:
+    a = a - a.mean(dim, keepdim=True)
+    b = b - b.mean(dim, keepdim=True)
+    correlation = (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim)).clamp_min(1e-8)
+    return (1 - correlation).mean()
+
+
+def correlation_distance(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float,
+    inter_weight: float = 1.0,
+    intra_weight: float = 1.0,
+) -> Tensor:
+    """DIST (Huang et al. 2022, "Knowledge Distillation from A Stronger Teacher"), without ``τ²``.
+
+    ``inter_weight · (1 − mean_rows ρ(P_s[i, :], P_t[i, :])) + intra_weight · (1 − mean_classes
+    ρ(P_s[:, c], P_t[:, c]))`` with ``ρ`` the Pearson correlation and ``P = softmax(z/τ)``: the
+    student matches the teacher's ranking within a sample and across the batch, not its exact
+    probabilities.
+    """
+    p_student = F.softmax(_at_least_float32(student_logits) / temperature, -1)
+    p_teacher = F.softmax(_at_least_float32(teacher_logits) / temperature, -1)
+    inter = _pearson_distance(p_student, p_teacher, dim=1)
+    intra = _pearson_distance(p_student, p_teacher, dim=0) if p_student.shape[0] > 1 else inter * 0
+    return inter_weight * inter + intra_weight * intra
 
 
 def feature_mse(student_feature: Tensor, teacher_feature: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -100,12 +170,7 @@ def select_rows(logits: Tensor, labels: Tensor | None, ignore_index: int, mask: 
     (same shape as the labels, e.g. an attention mask) is 0.
     """
     rows = logits.reshape(-1, logits.shape[-1])
-    keep = None
-    if labels is not None:
-        keep = labels.reshape(-1) != ignore_index
-    if mask is not None:
-        real = mask.reshape(-1).bool()
-        keep = real if keep is None else keep & real
+    keep = _kept(labels, ignore_index, mask)
     if keep is None:
         return rows
     if keep.numel() != rows.shape[0]:
@@ -113,6 +178,24 @@ def select_rows(logits: Tensor, labels: Tensor | None, ignore_index: int, mask: 
             f"{keep.numel()} labels/mask entries for {rows.shape[0]} logit rows of shape {tuple(logits.shape)}"
         )
     return rows[keep]
+
+
+def _kept(labels: Tensor | None, ignore_index: int, mask: Tensor | None) -> Tensor | None:
+    keep = None
+    if labels is not None:
+        keep = labels.reshape(-1) != ignore_index
+    if mask is not None:
+        real = mask.reshape(-1).bool()
+        keep = real if keep is None else keep & real
+    return keep
+
+
+def accepts_labels(loss: Callable) -> bool:
+    """Does a response loss take the kept rows' ``labels=`` (as DKD does)?"""
+    try:
+        return "labels" in inspect.signature(loss).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def response_loss(
@@ -144,7 +227,11 @@ def response_loss(
     teacher_rows = select_rows(teacher_logits, labels, ignore_index, mask)
     if student_rows.shape[0] == 0:
         return student_logits.float().sum() * 0.0
-    value = loss(student_rows, teacher_rows, temperature)
+    if accepts_labels(loss):
+        label_rows = labels.reshape(-1)[_kept(labels, ignore_index, mask)] if labels is not None else None
+        value = loss(student_rows, teacher_rows, temperature, labels=label_rows)
+    else:
+        value = loss(student_rows, teacher_rows, temperature)
     # τ² keeps the soft-target gradients, which scale as 1/τ², comparable across
     # temperatures (Hinton et al. 2015); it applies whatever α is.
     return value * temperature**2 if temperature_squared else value
@@ -163,7 +250,11 @@ def cross_entropy(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> T
     return total / count.clamp_min(1)
 
 
-RESPONSE_LOSSES: dict[str, ResponseLoss] = {"kl": kl_divergence}
+RESPONSE_LOSSES: dict[str, ResponseLoss] = {
+    "kl": kl_divergence,
+    "dkd": decoupled_kl,
+    "dist": correlation_distance,
+}
 FEATURE_LOSSES: dict[str, FeatureLoss] = {"mse": feature_mse, "cosine": feature_cosine}
 
 

@@ -1,0 +1,314 @@
+"""The ``kdistill`` command line: ``demo``, ``train``, ``inspect``, ``eval``, ``report``, ``export``.
+
+Each subcommand is a few lines over the library. A problem the user can fix is one
+line on stderr and exit status 2; Ctrl-C during training checkpoints and exits 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from kdistill.errors import KDistillError
+
+EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not argparse's usage block
+        raise KDistillError(f"{self.prog}: {message} (see {self.prog} --help)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if not getattr(args, "command", None):
+            parser.print_help()
+            return EXIT_ERROR
+        return int(args.handler(args) or 0)
+    except KDistillError as error:
+        print(f"kdistill: error: {error}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        hint = ""
+        if getattr(args, "command", None) in ("train", "demo"):
+            hint = f"; resume with: kdistill {' '.join(shlex.quote(a) for a in _resume_argv(argv))}"
+        print(f"kdistill: interrupted, the last checkpoint is kept{hint}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except OSError as error:
+        print(f"kdistill: error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), file=sys.stderr)
+        return EXIT_ERROR
+    except Exception as error:  # a bug in kdistill: still one line, the traceback on request
+        if os.environ.get("KDISTILL_DEBUG"):
+            raise
+        print(
+            f"kdistill: internal error: {type(error).__name__}: {error} (set KDISTILL_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_ERROR
+
+
+def _resume_argv(argv: list[str]) -> list[str]:
+    return [a for a in argv if a != "--force"] + ([] if "--resume" in argv else ["--resume"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="kdistill", description="Knowledge distillation for PyTorch models.")
+    from kdistill import __version__
+
+    parser.add_argument("--version", action="version", version=f"kdistill {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def run_options(sub: argparse.ArgumentParser, default_out: str | None) -> None:
+        sub.add_argument(
+            "--set",
+            action="append",
+            default=[],
+            metavar="KEY=VALUE",
+            help="override a config value, e.g. --set train.epochs=5 (repeatable)",
+        )
+        sub.add_argument("--out", default=default_out, help="run directory (default: the config's `out`)")
+        sub.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+        sub.add_argument("--force", action="store_true", help="replace the results already in --out")
+        sub.add_argument("--quiet", action="store_true", help="print only the final table")
+
+    demo = commands.add_parser("demo", help="distil a CNN on built-in MNIST digits and report (a few minutes, offline)")
+    run_options(demo, "runs/demo")
+    demo.set_defaults(handler=cmd_demo)
+
+    train = commands.add_parser("train", help="a full run from a YAML config")
+    train.add_argument("config", help="YAML file (see configs/)")
+    run_options(train, None)
+    train.set_defaults(handler=cmd_train)
+
+    inspect = commands.add_parser("inspect", help="list a model's layers and propose feature pairs")
+    inspect.add_argument("model", nargs="?", help="built-in name or package.module:function (or use --config)")
+    inspect.add_argument("--args", default="{}", help="model arguments as YAML, e.g. '{channels: [16, 32]}'")
+    inspect.add_argument("--input-shape", default=None, help="one input's shape, e.g. 1,28,28 (default: the data's)")
+    inspect.add_argument("--classes", type=int, default=10, help="classes for built-in models (default 10)")
+    inspect.add_argument("--student", default=None, help="a student model: also propose feature pairs")
+    inspect.add_argument("--student-args", default="{}", help="the student's arguments as YAML")
+    inspect.add_argument("--config", default=None, help="inspect the teacher and student of a run config")
+    inspect.add_argument("--depth", type=int, default=None, help="show layers down to this nesting depth")
+    inspect.add_argument("--list", action="store_true", help="list the built-in models and datasets")
+    inspect.set_defaults(handler=cmd_inspect)
+
+    evaluate = commands.add_parser("eval", help="evaluate a run's student (or other weights) on its test split")
+    evaluate.add_argument("run", help="run directory")
+    evaluate.add_argument("--weights", default=None, help="weights file (default: RUN/distill/student.safetensors)")
+    evaluate.add_argument("--split", choices=["test", "validation", "train"], default="test")
+    evaluate.set_defaults(handler=cmd_eval)
+
+    report = commands.add_parser("report", help="measure teacher, baseline and student of a run again")
+    report.add_argument("run", help="run directory")
+    report.set_defaults(handler=cmd_report)
+
+    export = commands.add_parser("export", help="write the plain student (no hooks, no adapters)")
+    export.add_argument("run", help="run directory")
+    export.add_argument("--format", choices=["safetensors", "onnx"], default="safetensors")
+    export.add_argument("--out", default=None, help="output file (default: RUN/export/student.<format>)")
+    export.add_argument("--weights", default=None, help="weights file (default: RUN/distill/student.safetensors)")
+    export.set_defaults(handler=cmd_export)
+    return parser
+
+
+# -- commands ----------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kdistill.config import load_config
+
+    config = load_config(_demo_config_path(), args.set)
+    return _run(config, args, title="kdistill demo")
+
+
+def _demo_config_path() -> Path:
+    return Path(__file__).resolve().parent / "demo.yaml"
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from kdistill.config import load_config
+
+    return _run(load_config(args.config, args.set), args, title=f"kdistill train {args.config}")
+
+
+def _run(config: Any, args: argparse.Namespace, title: str) -> int:
+    import dataclasses
+    import time
+
+    from kdistill.pipeline import run
+    from kdistill.report import markdown
+
+    out = Path(args.out or config.out)
+    config = dataclasses.replace(config, out=str(out))
+    log = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    started = time.perf_counter()
+    report = run(config, out, resume=args.resume, force=args.force, log=log)
+    print(markdown(report, title).split("\n", 2)[2].strip())
+    seconds = time.perf_counter() - started
+    print(f"\nwrote {out / 'report.md'}, {out / 'report.json'} and {out / 'plots'}/ in {seconds:.0f} s")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import torch
+    import yaml
+
+    from kdistill.data import BUILTIN_DATASETS
+    from kdistill.layers import format_layers, propose_pairs, trace_layers
+    from kdistill.models import BUILTIN_MODELS, build_model
+
+    if args.list:
+        print("built-in models:")
+        for name, builder in BUILTIN_MODELS.items():
+            print(f"  {name:<11} {(builder.__doc__ or '').strip().splitlines()[0]}")
+        print("built-in datasets:")
+        for name, text in BUILTIN_DATASETS.items():
+            print(f"  {name:<11} {text}")
+        return 0
+    if args.config:
+        from kdistill.config import load_config
+        from kdistill.data import load_data
+
+        config = load_config(args.config)
+        splits = load_data(config.data)
+        shape, classes = splits.input_shape, splits.num_classes
+        specs = [
+            ("teacher", config.teacher.model, config.teacher.args),
+            ("student", config.student.model, config.student.args),
+        ]
+    else:
+        if not args.model:
+            raise KDistillError("inspect: name a model (e.g. `kdistill inspect cnn --input-shape 1,28,28`) or --config")
+        shape = _shape(args.input_shape or "1,28,28")
+        classes = args.classes
+        specs = [("model" if not args.student else "teacher", args.model, _yaml_mapping(args.args, "--args"))]
+        if args.student:
+            specs.append(("student", args.student, _yaml_mapping(args.student_args, "--student-args")))
+    sample = torch.zeros(2, *shape)
+    models = {}
+    for role, name, model_args in specs:
+        model = build_model(name, model_args, input_shape=shape, num_classes=classes)
+        models[role] = model
+        total = sum(p.numel() for p in model.parameters())
+        print(
+            f"{role}: {name} {yaml.safe_dump(model_args, default_flow_style=True).strip()}  "
+            f"({total:,} parameters, input {'×'.join(map(str, shape))})"
+        )
+        print(format_layers(trace_layers(model, sample), args.depth))
+        print()
+    if "student" in models:
+        pairs = propose_pairs(models["teacher"], models["student"], sample)
+        print("proposed feature pairs (student ↔ teacher, nearest relative depth an adapter can map):")
+        if not pairs:
+            print("  none: no feature maps that an adapter can map; use response distillation only")
+        for pair in pairs:
+            print(f"  - {{student: {pair.student}, teacher: {pair.teacher}}}")
+    return 0
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        raise KDistillError(f"--input-shape {text!r}: expected integers like 1,28,28") from None
+    if not shape or any(s < 1 for s in shape):
+        raise KDistillError(f"--input-shape {text!r}: expected positive integers like 1,28,28")
+    return shape
+
+
+def _yaml_mapping(text: str, flag: str) -> dict[str, Any]:
+    import yaml
+
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise KDistillError(f"{flag} {text!r}: not valid YAML") from None
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise KDistillError(f"{flag} {text!r}: expected a mapping like '{{channels: [16, 32]}}'")
+    return value
+
+
+def _load_run(run_dir: str) -> tuple[Any, Any, Any, Any]:
+    """Config, data splits, teacher and student modules of a finished run (weights not loaded)."""
+    from kdistill.config import from_dict, read_yaml
+    from kdistill.data import load_data
+    from kdistill.pipeline import build_pair
+
+    path = Path(run_dir)
+    if not (path / "config.yaml").exists():
+        raise KDistillError(f"{run_dir} is not a kdistill run directory (no config.yaml)")
+    config = from_dict(read_yaml(path / "config.yaml"))
+    splits = load_data(config.data)
+    teacher, student = build_pair(config, splits)
+    return config, splits, teacher, student
+
+
+def _student_weights(run_dir: str, weights: str | None) -> Path:
+    return Path(weights) if weights else Path(run_dir) / "distill" / "student.safetensors"
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from kdistill.models import load_weights
+    from kdistill.trainer import evaluate
+
+    config, splits, _, student = _load_run(args.run)
+    load_weights(student, _student_weights(args.run, args.weights), "student")
+    data = {"test": splits.test, "validation": splits.validation, "train": splits.train}[args.split]
+    if data is None:
+        raise KDistillError(f"the run has no {args.split} split (data.validation_fraction is 0)")
+    metrics = evaluate(student, data, config.data.eval_batch_size)
+    print(f"{args.split} accuracy {100 * metrics['accuracy']:.2f} %  loss {metrics['loss']:.4f}  ({len(data)} samples)")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from kdistill.models import load_weights
+    from kdistill.pipeline import teacher_weights_path
+    from kdistill.report import markdown, measure, write_report
+
+    config, splits, teacher, student = _load_run(args.run)
+    run_dir = Path(args.run)
+    load_weights(teacher, teacher_weights_path(config, run_dir), "teacher")
+    models = {"teacher": teacher}
+    if (run_dir / "baseline" / "student.safetensors").exists():
+        import copy
+
+        baseline = copy.deepcopy(student)
+        load_weights(baseline, run_dir / "baseline" / "student.safetensors", "baseline")
+        models["baseline"] = baseline
+    load_weights(student, run_dir / "distill" / "student.safetensors", "student")
+    models["student"] = student
+    report = measure(models, splits.test, batch_size=config.data.eval_batch_size)
+    histories = {name: run_dir / name / "metrics.jsonl" for name in ("baseline", "distill")}
+    write_report(run_dir, report, histories, title=f"kdistill report: {splits.name}")
+    print(markdown(report).split("\n", 2)[2].strip())
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from kdistill.export import export_onnx, export_safetensors
+    from kdistill.models import load_weights
+
+    _, splits, _, student = _load_run(args.run)
+    load_weights(student, _student_weights(args.run, args.weights), "student")
+    out = Path(args.out) if args.out else Path(args.run) / "export" / f"student.{args.format}"
+    if args.format == "onnx":
+        export_onnx(student, splits.test.inputs[:1], out)
+    else:
+        export_safetensors(student, out)
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.3f} MB)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

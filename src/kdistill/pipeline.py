@@ -1,0 +1,302 @@
+"""The main job: teacher → baseline → distilled student → compression report.
+
+A run directory holds::
+
+    config.yaml             the resolved config (feature pairs spelled out)
+    teacher/                training of the teacher, when it had no weights (metrics, checkpoint)
+    baseline/               the student trained alone with the same budget
+    distill/                the distilled student: checkpoint.pt, student.safetensors,
+                            student_best.safetensors, adapters.safetensors, metrics.jsonl, tensorboard/
+    report.json, report.md, plots/
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdistill.checkpoint import atomic_write, save_weights
+from kdistill.config import Config, PairConfig, dump_config, from_dict, read_yaml, to_dict
+from kdistill.data import Splits, load_data, shift_augment
+from kdistill.distiller import Distiller, FeaturePair, default_logits
+from kdistill.errors import ConfigError
+from kdistill.layers import propose_pairs
+from kdistill.losses import cross_entropy
+from kdistill.models import build_model, check_model_name, load_weights
+from kdistill.report import measure, write_report
+from kdistill.trainer import Trainer, TrainResult, evaluate
+
+Log = Callable[[str], None]
+RESULT_FILES = ("report.json", "config.yaml", "teacher", "baseline", "distill")
+
+
+class Supervised(nn.Module):
+    """The plain cross-entropy task, in the trainer's loss-dict shape (teacher and baseline)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
+        logits = default_logits(self.model(inputs))
+        ce = cross_entropy(logits, labels) if labels is not None else logits.new_zeros(())
+        return {"loss": ce, "ce": ce, "logits": logits}
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("KDISTILL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "kdistill"
+    )
+    return Path(root)
+
+
+def prepare_run_dir(out: Path, resume: bool, force: bool) -> None:
+    """Create ``out``; refuse to overwrite earlier results unless resuming or forced."""
+    if resume:
+        if not (out / "config.yaml").exists():
+            raise ConfigError(f"--resume: {out} holds no run to resume (no config.yaml); start it without --resume")
+        return
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output {out} exists and is not a directory")
+    existing = [name for name in RESULT_FILES if (out / name).exists()]
+    if existing:
+        if not force:
+            raise ConfigError(
+                f"{out} already holds results ({', '.join(existing)}); pass --resume to continue that run, "
+                "--force to replace it, or choose another --out"
+            )
+        for name in existing:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        for name in ("report.md", "plots"):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise ConfigError(f"cannot write to output directory {out}: {error.strerror or error}") from None
+
+
+def build_pair(config: Config, splits: Splits) -> tuple[nn.Module, nn.Module]:
+    """Teacher and student modules (student initialised with ``train.seed``), before any weights."""
+    shape = splits.input_shape
+    torch.manual_seed(config.train.seed + 10_000)
+    teacher = build_model(config.teacher.model, config.teacher.args, input_shape=shape, num_classes=splits.num_classes)
+    torch.manual_seed(config.train.seed)
+    student = build_model(config.student.model, config.student.args, input_shape=shape, num_classes=splits.num_classes)
+    if config.student.weights:
+        load_weights(student, config.student.weights, "student")
+    sample = splits.train.inputs[:2]
+    for role, model in (("teacher", teacher), ("student", student)):
+        check_classes(model, sample, splits.num_classes, role)
+    return teacher, student
+
+
+def check_classes(model: nn.Module, sample: Tensor, num_classes: int, role: str) -> None:
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = default_logits(model(sample))
+    except RuntimeError as error:
+        first = str(error).strip().splitlines()[0]
+        raise ConfigError(f"the {role} cannot run on inputs of shape {tuple(sample.shape[1:])}: {first}") from None
+    finally:
+        model.train(was_training)
+    if logits.shape[-1] < num_classes:
+        raise ConfigError(
+            f"the data's labels go up to {num_classes - 1} but the {role} predicts only {logits.shape[-1]} classes"
+        )
+
+
+def resolve_pairs(config: Config, teacher: nn.Module, student: nn.Module, sample: Tensor, log: Log) -> Config:
+    """Replace ``feature_pairs: auto`` by the pairs that :func:`propose_pairs` chooses."""
+    if config.distill.feature_pairs != "auto":
+        return config
+    pairs = propose_pairs(teacher, student, sample)
+    log("feature_pairs: auto → " + (", ".join(p.name for p in pairs) or "none found (response only)"))
+    resolved = [PairConfig(p.student, p.teacher) for p in pairs]
+    return dataclasses.replace(config, distill=dataclasses.replace(config.distill, feature_pairs=resolved))
+
+
+def teacher_cache_key(config: Config) -> str:
+    """Identifies a trained teacher: its model, the data, the training settings and the seed."""
+    identity = {"teacher": to_dict(config.teacher), "data": to_dict(config.data), "train": to_dict(config.train)}
+    identity["data"].pop("eval_batch_size", None)
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare_teacher(config: Config, teacher: nn.Module, splits: Splits, out: Path, resume: bool, log: Log) -> nn.Module:
+    """Load the teacher's weights, or train it on the run's data (and cache it for later runs)."""
+    if config.teacher.weights:
+        load_weights(teacher, config.teacher.weights, "teacher")
+        return teacher
+    cached = teacher_weights_path(config, Path("/nonexistent"))
+    if cached.exists():
+        load_weights(teacher, cached, "teacher")
+        log(f"teacher: reusing the one trained before ({cached})")
+        return teacher
+    budget = dataclasses.replace(config.train, epochs=config.teacher.epochs, seed=config.train.seed + 10_000)
+    log(f"teacher: no weights given; training it for {budget.epochs} epochs (cached in {cached.parent})")
+    supervised = Supervised(teacher)
+    run_phase("teacher", supervised, supervised.parameters(), teacher, splits, budget, config, out, resume, log)
+    save_weights(teacher.state_dict(), cached)
+    return teacher
+
+
+def run_phase(
+    name: str,
+    model: nn.Module,
+    parameters: Any,
+    eval_model: nn.Module,
+    splits: Splits,
+    budget: Any,
+    config: Config,
+    out: Path,
+    resume: bool,
+    log: Log,
+) -> TrainResult | None:
+    """Train one phase in ``out/name``; a finished phase (``done.json``) is loaded, not repeated."""
+    directory = out / name
+    weights_name = "teacher" if name == "teacher" else "student"
+    done = directory / "done.json"
+    if resume and done.exists():
+        load_weights(eval_model, directory / f"{weights_name}.safetensors", name)
+        log(f"{name}: already finished, loaded its weights")
+        return None
+    eval_sets = {"validation": splits.validation, "test": splits.test} if splits.validation else {"test": splits.test}
+    augment = shift_augment if config.data.augment == "shift" else None
+    trainer = Trainer(
+        model,
+        parameters,
+        splits.train,
+        budget,
+        batch_size=config.data.batch_size,
+        eval_batch_size=config.data.eval_batch_size,
+        eval_model=eval_model,
+        eval_sets=eval_sets,
+        augment=augment,
+        run_dir=directory,
+        log=log,
+        description=name,
+        weights_name=weights_name,
+    )
+    result = trainer.fit(resume=resume and (directory / "checkpoint.pt").exists())
+    if result.interrupted:
+        raise KeyboardInterrupt
+    atomic_write(done, lambda path: Path(path).write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n"))
+    model.to("cpu")
+    return result
+
+
+def run(config: Config, out: Path, *, resume: bool = False, force: bool = False, log: Log = print) -> dict[str, Any]:
+    """The whole job; returns the report. See the module docstring for what it writes."""
+    prepare_run_dir(out, resume, force)
+    if resume:
+        saved = from_dict(read_yaml(out / "config.yaml"))
+        if dataclasses.replace(saved, out=config.out) != dataclasses.replace(
+            resolve_like(saved, config), out=config.out
+        ):
+            raise ConfigError(
+                f"--resume: the config differs from the one in {out / 'config.yaml'}; "
+                "resume with the same config (or start a new run)"
+            )
+        config = saved
+    for model_config in (config.teacher, config.student):  # fail before the (slower) data loading
+        check_model_name(model_config.model)
+    splits = load_data(config.data)
+    log(
+        f"data: {splits.name}: {len(splits.train)} train, {len(splits.validation or [])} validation, "
+        f"{len(splits.test)} test samples of shape {splits.input_shape}, {splits.num_classes} classes"
+    )
+    teacher, student = build_pair(config, splits)
+    sample = splits.train.inputs[:2]
+    config = resolve_pairs(config, teacher, student, sample, log)
+    if not resume:
+        atomic_write(out / "config.yaml", lambda path: Path(path).write_text(dump_config(config)))
+    teacher = prepare_teacher(config, teacher, splits, out, resume, log)
+    log(f"teacher: {100 * evaluate(teacher, splits.test, config.data.eval_batch_size)['accuracy']:.2f} % test accuracy")
+
+    models: dict[str, nn.Module] = {"teacher": teacher}
+    initial = copy.deepcopy(student.state_dict())  # baseline and distilled student start from the same weights
+    if config.baseline:
+        baseline = copy.deepcopy(student)
+        supervised = Supervised(baseline)
+        run_phase(
+            "baseline", supervised, supervised.parameters(), baseline, splits, config.train, config, out, resume, log
+        )
+        models["baseline"] = baseline
+
+    student.load_state_dict(initial)
+    d = config.distill
+    pairs = [FeaturePair(p.student, p.teacher, p.weight, p.loss) for p in d.feature_pairs]
+    with Distiller(
+        teacher,
+        student,
+        pairs,
+        alpha=d.alpha,
+        beta=d.beta,
+        temperature=d.temperature,
+        temperature_squared=d.temperature_squared,
+        response_loss=d.response_loss,
+        sample_input=sample,
+    ) as distiller:
+        run_phase(
+            "distill",
+            distiller,
+            distiller.trainable_parameters(),
+            student,
+            splits,
+            config.train,
+            config,
+            out,
+            resume,
+            log,
+        )
+        if len(distiller.adapters):
+            save_weights(distiller.adapters.state_dict(), out / "distill" / "adapters.safetensors")
+    models["student"] = student
+
+    log("report: measuring accuracy, size and single-thread latency …")
+    report = measure(models, splits.test, batch_size=config.data.eval_batch_size)
+    histories = {
+        name: out / name / "metrics.jsonl" for name in ("baseline", "distill") if name in models or name == "distill"
+    }
+    write_report(out, report, histories, title=f"kdistill report: {splits.name}")
+    return report
+
+
+def resolve_like(saved: Config, given: Config) -> Config:
+    """``given`` with ``auto`` pairs replaced by the pairs ``saved`` resolved them to."""
+    if given.distill.feature_pairs == "auto":
+        return dataclasses.replace(
+            given, distill=dataclasses.replace(given.distill, feature_pairs=saved.distill.feature_pairs)
+        )
+    return given
+
+
+def teacher_weights_path(config: Config, run_dir: Path) -> Path:
+    """Where a finished run's teacher weights are: the config's file, the run's own training, or the cache."""
+    if config.teacher.weights:
+        return Path(config.teacher.weights)
+    trained = run_dir / "teacher" / "teacher.safetensors"
+    if trained.exists():
+        return trained
+    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
+    return cache_dir / "teachers" / f"{teacher_cache_key(config)}.safetensors"

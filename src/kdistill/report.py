@@ -1,0 +1,269 @@
+"""The compression report: measure models and write ``report.json``, ``report.md`` and plots.
+
+Nothing here knows about distillation: it measures modules that map inputs to
+logits and compares them with the first one (the teacher).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdistill.data import TensorData
+
+ROLES = ("teacher", "baseline", "student")
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def size_mb(model: nn.Module) -> float:
+    """Bytes of the model's state dict (parameters and buffers), in MB (10⁶ bytes): what a
+    safetensors export holds, give or take its small header."""
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
+
+
+@torch.inference_mode()
+def predictions(model: nn.Module, data: TensorData, batch_size: int) -> torch.Tensor:
+    from kdistill.distiller import default_logits
+
+    model.eval()
+    return torch.cat([default_logits(model(inputs)).argmax(-1) for inputs, _ in data.batches(batch_size)])
+
+
+@torch.inference_mode()
+def time_models(
+    models: Mapping[str, nn.Module], sample: torch.Tensor, batch_size: int, rounds: int = 30, warmup: int = 3
+) -> dict[str, dict[str, float]]:
+    """Median batch-1 latency (ms) and throughput (samples/s at ``batch_size``), one thread,
+    the models interleaved round by round so that machine noise hits them alike."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = sample[:1]
+        batch = sample[:batch_size]
+        for model in models.values():
+            model.eval()
+            for _ in range(warmup):
+                model(single)
+            model(batch)
+        latency: dict[str, list[float]] = {name: [] for name in models}
+        batch_time: dict[str, list[float]] = {name: [] for name in models}
+        for round_index in range(rounds):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(single)
+                latency[name].append(time.perf_counter() - start)
+                if round_index % 6 == 0:  # large batches cost more; fewer rounds suffice
+                    start = time.perf_counter()
+                    model(batch)
+                    batch_time[name].append(time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        name: {
+            "latency_ms": 1000 * statistics.median(latency[name]),
+            "throughput": len(batch) / statistics.median(batch_time[name]),
+        }
+        for name in models
+    }
+
+
+def measure(
+    models: Mapping[str, nn.Module], test: TensorData, batch_size: int = 256, timing_rounds: int = 30
+) -> dict[str, Any]:
+    """``report.json``'s content for ``models`` (``teacher`` first; ``student`` and, when
+    trained, ``baseline`` after it), evaluated on ``test`` on the CPU."""
+    models = {name: model.to("cpu").eval() for name, model in models.items()}
+    predicted = {name: predictions(model, test, batch_size) for name, model in models.items()}
+    timings = time_models(models, test.inputs, batch_size, rounds=timing_rounds)
+    report: dict[str, Any] = {}
+    for name, model in models.items():
+        entry = {
+            "accuracy": float((predicted[name] == test.labels).float().mean()),
+            "params": parameter_count(model),
+            "size_mb": size_mb(model),
+            **timings[name],
+        }
+        if name != "teacher" and "teacher" in predicted:
+            entry["agreement"] = float((predicted[name] == predicted["teacher"]).float().mean())
+        report[name] = entry
+    report["ratios"] = ratios(report)
+    report["evaluated_on"] = {
+        "samples": len(test),
+        "latency_batch": 1,
+        "throughput_batch": min(batch_size, len(test)),
+        "threads": 1,
+        "device": "cpu",
+    }
+    return report
+
+
+def ratios(report: Mapping[str, Any]) -> dict[str, float | None]:
+    teacher, student = report["teacher"], report["student"]
+    out: dict[str, float | None] = {
+        "params": teacher["params"] / student["params"],
+        "size": teacher["size_mb"] / student["size_mb"],
+        "latency": teacher["latency_ms"] / student["latency_ms"],
+        "throughput": student["throughput"] / teacher["throughput"],
+    }
+    if "baseline" in report:
+        out["gap_closed"] = gap_closed(teacher["accuracy"], report["baseline"]["accuracy"], student["accuracy"])
+    return out
+
+
+def gap_closed(teacher: float, baseline: float, student: float) -> float | None:
+    """``(student − baseline) / (teacher − baseline)``: the share of the teacher–baseline accuracy
+    gap that distillation closed (None when the baseline already matches the teacher)."""
+    gap = teacher - baseline
+    return (student - baseline) / gap if gap > 0 else None
+
+
+def markdown(report: Mapping[str, Any], title: str = "Compression report", plots: list[str] = ()) -> str:
+    """The human-readable ``report.md``."""
+    roles = [r for r in ROLES if r in report]
+    lines = [
+        f"# {title}",
+        "",
+        "| model | accuracy | params | size (MB) | latency (ms, batch 1) | throughput (samples/s) "
+        "| agreement with teacher |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for role in roles:
+        r = report[role]
+        agreement = f"{100 * r['agreement']:.1f} %" if "agreement" in r else "—"
+        lines.append(
+            f"| {role} | {100 * r['accuracy']:.2f} % | {r['params']:,} | {r['size_mb']:.3f} | "
+            f"{r['latency_ms']:.3f} | {r['throughput']:,.0f} | {agreement} |"
+        )
+    q = report["ratios"]
+    lines += [
+        "",
+        f"The student has **{q['params']:.1f}× fewer parameters**, is **{q['size']:.1f}× smaller** and "
+        f"**{q['latency']:.1f}× faster** at batch 1 ({q['throughput']:.1f}× the throughput) than the teacher.",
+    ]
+    if "baseline" in report:
+        t, b, s = (report[k]["accuracy"] for k in ("teacher", "baseline", "student"))
+        closed = q.get("gap_closed")
+        verdict = (
+            f"closed **{100 * closed:.0f} %** of the teacher–baseline gap"
+            if closed is not None
+            else ("had no gap to close (the baseline matches the teacher)")
+        )
+        lines += [
+            "",
+            f"Distillation moved the student from {100 * b:.2f} % (trained alone, same budget) to "
+            f"{100 * s:.2f} % ({100 * (s - b):+.2f} pp; teacher {100 * t:.2f} %): it {verdict}.",
+        ]
+    e = report.get("evaluated_on", {})
+    if e:
+        lines += [
+            "",
+            f"Measured on {e['samples']} test samples, {e['device']}, {e['threads']} thread; latency is the "
+            f"median of interleaved runs at batch 1, throughput at batch {e['throughput_batch']}. "
+            "A single run on a small test set carries noise of about ±0.6 pp.",
+        ]
+    for plot in plots:
+        lines += ["", f"![{Path(plot).stem}]({plot})"]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(run_dir: Path, report: dict[str, Any], histories: Mapping[str, Path], title: str) -> list[Path]:
+    """Write ``report.json``, ``report.md`` and the PNG plots into ``run_dir``; return the files."""
+    plots = plot_report(run_dir, report, histories)
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    (run_dir / "report.md").write_text(markdown(report, title, [p.relative_to(run_dir).as_posix() for p in plots]))
+    return [run_dir / "report.json", run_dir / "report.md", *plots]
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_report(run_dir: Path, report: Mapping[str, Any], histories: Mapping[str, Path]) -> list[Path]:
+    """``plots/training.png`` (each loss term and accuracy over training) and ``plots/comparison.png``
+    (teacher, baseline and student on accuracy, size and latency)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory = run_dir / "plots"
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+
+    records = {role: read_metrics(path) for role, path in histories.items()}
+    if any(records.values()):
+        figure, (loss_axis, accuracy_axis) = plt.subplots(1, 2, figsize=(12, 4.2))
+        for role, rows in records.items():
+            steps = [r for r in rows if r.get("kind") == "step"]
+            terms = [
+                k
+                for k in (steps[0] if steps else {})
+                if k in ("loss", "ce", "response", "feature") or k.startswith("feature/")
+            ]
+            for term in terms:
+                loss_axis.plot(
+                    [r["step"] for r in steps], _smooth([r[term] for r in steps]), label=f"{role}: {term}", linewidth=1
+                )
+            epochs = [r for r in rows if r.get("kind") == "epoch"]
+            for key in [k for k in (epochs[0] if epochs else {}) if k.endswith("/accuracy")]:
+                accuracy_axis.plot(
+                    [r["epoch"] for r in epochs],
+                    [100 * r[key] for r in epochs],
+                    marker=".",
+                    label=f"{role}: {key.split('/')[0]}",
+                )
+        loss_axis.set(xlabel="optimizer step", ylabel="loss (smoothed)", yscale="log", title="loss terms")
+        accuracy_axis.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
+        for axis in (loss_axis, accuracy_axis):
+            axis.grid(alpha=0.3)
+            axis.legend(fontsize=7)
+        figure.tight_layout()
+        written.append(directory / "training.png")
+        figure.savefig(written[-1], dpi=110)
+        plt.close(figure)
+
+    roles = [r for r in ROLES if r in report]
+    colours = {"teacher": "#4c72b0", "baseline": "#999999", "student": "#dd8452"}
+    figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for axis, (key, label, scale) in zip(
+        axes,
+        [
+            ("accuracy", "test accuracy (%)", 100),
+            ("size_mb", "size (MB)", 1),
+            ("latency_ms", "latency, batch 1 (ms)", 1),
+        ],
+    ):
+        values = [scale * report[r][key] for r in roles]
+        bars = axis.bar(roles, values, color=[colours[r] for r in roles])
+        axis.bar_label(bars, fmt="%.2f", fontsize=8)
+        axis.set_title(label)
+        if key == "accuracy":
+            low = min(values)
+            axis.set_ylim(max(0, low - 3 * (max(values) - low) - 1), min(100, max(values) + 1))
+    figure.tight_layout()
+    written.append(directory / "comparison.png")
+    figure.savefig(written[-1], dpi=110)
+    plt.close(figure)
+    return written
+
+
+def _smooth(values: list[float], window: int = 10) -> list[float]:
+    out, total = [], 0.0
+    for index, value in enumerate(values):
+        total += value
+        if index >= window:
+            total -= values[index - window]
+        out.append(max(total / min(index + 1, window), 1e-8))
+    return out
