@@ -182,3 +182,27 @@ def test_yaml_syntax_error_names_the_line(tmp_path, capsys):
     config.write_text("train:\n  epochs: 3\n  lr: [0.1\n")
     assert main(["train", str(config), "--out", str(tmp_path / "r")]) == 2
     assert "YAML syntax error at line" in capsys.readouterr().err
+
+
+def test_train_mixup_reaches_both_the_baseline_and_the_distilled_student(tmp_path):
+    from kdistill.cli import main as cli
+
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "/dev/null",
+        "--out",
+        str(out),
+        "--quiet",
+        *TINY,
+        "--set",
+        "train.epochs=1",
+        "--set",
+        "train.mixup=1.0",
+        "--set",
+        f"cache_dir={tmp_path / 'cache'}",
+    ]
+    assert cli(args) == 0
+    for phase in ("baseline", "distill"):
+        checkpoint = torch.load(out / phase / "checkpoint.pt", weights_only=True)
+        assert all(key.startswith("task.") for key in checkpoint["model"]), phase  # wrapped in Mixup

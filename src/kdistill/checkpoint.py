@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pickle
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from kdistill import faults
 from kdistill.errors import CheckpointError
 
 
@@ -33,6 +35,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         write(temporary)
         with open(temporary, "rb") as handle:
             os.fsync(handle.fileno())
+        faults.reached("checkpoint")
         os.replace(temporary, path)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
@@ -42,6 +45,12 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
+
+
+def remove_stale_temporaries(directory: str | Path) -> None:
+    """Delete temporary files that a crash in :func:`atomic_write` left behind."""
+    for stale in Path(directory).glob(".*.tmp"):
+        stale.unlink(missing_ok=True)
 
 
 def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> None:
@@ -91,7 +100,9 @@ def _torch_load(path: Path) -> Any:
     if not path.is_file():
         raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch notes foreign pickle protocols; we refuse or accept either way
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else "unsafe content"
         raise CheckpointError(

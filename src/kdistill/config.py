@@ -46,18 +46,23 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TeacherConfig(ModelConfig):
     """The teacher. Without ``weights`` it is first trained on the run's data for
-    ``epochs`` epochs (with the ``train`` settings) and cached for later runs."""
+    ``epochs`` epochs (with the ``train`` settings but its own ``seed``, and mixup of
+    strength ``mixup``, 0 for none) and cached for later runs: runs that differ only in
+    ``train.seed`` share one teacher."""
 
-    args: dict[str, Any] = field(default_factory=lambda: {"channels": [32, 64, 128], "convs": 2})
-    epochs: int = 12
+    args: dict[str, Any] = field(default_factory=lambda: {"channels": [32, 64, 128]})
+    epochs: int = 20
+    mixup: float = 1.0
+    seed: int = 0
 
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "epochs", "must be ≥ 1", self.epochs)
+        _require(self.mixup >= 0, "mixup", "must be ≥ 0", self.mixup)
 
 
 @dataclass(frozen=True)
 class StudentConfig(ModelConfig):
-    args: dict[str, Any] = field(default_factory=lambda: {"channels": [16, 32, 32]})
+    args: dict[str, Any] = field(default_factory=lambda: {"channels": [8, 16, 32]})
 
 
 @dataclass(frozen=True)
@@ -82,6 +87,9 @@ class DataConfig:
         )
         _require(self.batch_size >= 1, "batch_size", "must be ≥ 1", self.batch_size)
         _require(self.eval_batch_size >= 1, "eval_batch_size", "must be ≥ 1", self.eval_batch_size)
+        if self.image_size is not None:
+            ok = len(self.image_size) == 2 and all(size >= 1 for size in self.image_size)
+            _require(ok, "image_size", "must be [height, width] of positive integers", self.image_size)
         if self.dataset in ("folder", "npz") and not self.path:
             raise ConfigError(f"data.path: dataset {self.dataset!r} needs a path")
 
@@ -121,6 +129,7 @@ class TrainConfig:
     accumulate: int = 1
     amp: Literal["auto", "off", "bf16", "fp16"] = "auto"
     early_stopping: int | None = None
+    mixup: float = 0.0
     seed: int = 0
     device: str = "auto"
 
@@ -132,6 +141,7 @@ class TrainConfig:
         _require(self.warmup_epochs >= 0, "warmup_epochs", "must be ≥ 0", self.warmup_epochs)
         _require(self.step_epochs >= 1, "step_epochs", "must be ≥ 1", self.step_epochs)
         _require(self.accumulate >= 1, "accumulate", "must be ≥ 1", self.accumulate)
+        _require(self.mixup >= 0, "mixup", "must be ≥ 0", self.mixup)
         _require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0", self.grad_clip)
         _require(
             self.early_stopping is None or self.early_stopping >= 1,

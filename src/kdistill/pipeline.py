@@ -49,8 +49,44 @@ class Supervised(nn.Module):
 
     def forward(self, inputs: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
         logits = default_logits(self.model(inputs))
-        ce = cross_entropy(logits, labels) if labels is not None else logits.new_zeros(())
+        ce = cross_entropy(logits, labels) if labels is not None else logits.new_zeros((), dtype=torch.float32)
         return {"loss": ce, "ce": ce, "logits": logits}
+
+
+class Mixup(nn.Module):
+    """Train any loss-dict task on mixup views (Zhang et al. 2018).
+
+    Each training batch is mixed with a shuffled copy of itself, ``λ·x_i + (1 − λ)·x_j`` with
+    ``λ ~ Beta(strength, strength)`` per sample. The task sees the mixed inputs without labels
+    (so a distiller computes its response and feature terms on them: the teacher labels the
+    mixed view itself, as in "function matching", Beyer et al. 2022), and the cross-entropy is
+    the same mix of the two labels' cross-entropies. Evaluation is unaffected.
+    """
+
+    def __init__(self, task: nn.Module, strength: float) -> None:
+        super().__init__()
+        self.task = task
+        self.strength = strength
+
+    def forward(self, inputs: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
+        if not self.training or labels is None:
+            return self.task(inputs, labels)
+        # Drawn from the global RNG, whose state the trainer checkpoints: resuming stays exact.
+        beta = torch.distributions.Beta(torch.tensor(self.strength), torch.tensor(self.strength))
+        weight = beta.sample((inputs.shape[0],)).to(inputs.device)
+        partner = torch.randperm(inputs.shape[0]).to(inputs.device)
+        view = weight.view((-1,) + (1,) * (inputs.dim() - 1))
+        out = dict(self.task(view * inputs + (1 - view) * inputs[partner], None))
+        log_p = torch.log_softmax(out["logits"].float(), -1)
+        own, other = log_p.gather(1, labels[:, None])[:, 0], log_p.gather(1, labels[partner][:, None])[:, 0]
+        ce = -(weight * own + (1 - weight) * other).mean()
+        out["loss"] = out["loss"] + ce
+        out["ce"] = ce
+        return out
+
+
+def with_mixup(task: nn.Module, strength: float) -> nn.Module:
+    return Mixup(task, strength) if strength > 0 else task
 
 
 def default_cache_dir() -> Path:
@@ -96,7 +132,7 @@ def prepare_run_dir(out: Path, resume: bool, force: bool) -> None:
 def build_pair(config: Config, splits: Splits) -> tuple[nn.Module, nn.Module]:
     """Teacher and student modules (student initialised with ``train.seed``), before any weights."""
     shape = splits.input_shape
-    torch.manual_seed(config.train.seed + 10_000)
+    torch.manual_seed(config.teacher.seed)
     teacher = build_model(config.teacher.model, config.teacher.args, input_shape=shape, num_classes=splits.num_classes)
     torch.manual_seed(config.train.seed)
     student = build_model(config.student.model, config.student.args, input_shape=shape, num_classes=splits.num_classes)
@@ -136,9 +172,11 @@ def resolve_pairs(config: Config, teacher: nn.Module, student: nn.Module, sample
 
 
 def teacher_cache_key(config: Config) -> str:
-    """Identifies a trained teacher: its model, the data, the training settings and the seed."""
+    """Identifies a trained teacher: its model and seed, the data, and the training settings."""
     identity = {"teacher": to_dict(config.teacher), "data": to_dict(config.data), "train": to_dict(config.train)}
     identity["data"].pop("eval_batch_size", None)
+    for own in ("seed", "epochs", "mixup"):  # the teacher has its own (teacher.seed, .epochs, .mixup)
+        identity["train"].pop(own)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -152,10 +190,10 @@ def prepare_teacher(config: Config, teacher: nn.Module, splits: Splits, out: Pat
         load_weights(teacher, cached, "teacher")
         log(f"teacher: reusing the one trained before ({cached})")
         return teacher
-    budget = dataclasses.replace(config.train, epochs=config.teacher.epochs, seed=config.train.seed + 10_000)
+    budget = dataclasses.replace(config.train, epochs=config.teacher.epochs, seed=config.teacher.seed)
     log(f"teacher: no weights given; training it for {budget.epochs} epochs (cached in {cached.parent})")
-    supervised = Supervised(teacher)
-    run_phase("teacher", supervised, supervised.parameters(), teacher, splits, budget, config, out, resume, log)
+    task = with_mixup(Supervised(teacher), config.teacher.mixup)
+    run_phase("teacher", task, task.parameters(), teacher, splits, budget, config, out, resume, log)
     save_weights(teacher.state_dict(), cached)
     return teacher
 
@@ -237,10 +275,8 @@ def run(config: Config, out: Path, *, resume: bool = False, force: bool = False,
     initial = copy.deepcopy(student.state_dict())  # baseline and distilled student start from the same weights
     if config.baseline:
         baseline = copy.deepcopy(student)
-        supervised = Supervised(baseline)
-        run_phase(
-            "baseline", supervised, supervised.parameters(), baseline, splits, config.train, config, out, resume, log
-        )
+        task = with_mixup(Supervised(baseline), config.train.mixup)  # the same budget as the distilled student
+        run_phase("baseline", task, task.parameters(), baseline, splits, config.train, config, out, resume, log)
         models["baseline"] = baseline
 
     student.load_state_dict(initial)
@@ -259,7 +295,7 @@ def run(config: Config, out: Path, *, resume: bool = False, force: bool = False,
     ) as distiller:
         run_phase(
             "distill",
-            distiller,
+            with_mixup(distiller, config.train.mixup),
             distiller.trainable_parameters(),
             student,
             splits,

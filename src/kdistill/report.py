@@ -41,31 +41,22 @@ def predictions(model: nn.Module, data: TensorData, batch_size: int) -> torch.Te
 
 @torch.inference_mode()
 def time_models(
-    models: Mapping[str, nn.Module], sample: torch.Tensor, batch_size: int, rounds: int = 30, warmup: int = 3
+    models: Mapping[str, nn.Module], sample: torch.Tensor, batch_size: int, rounds: int = 100, batch_rounds: int = 7
 ) -> dict[str, dict[str, float]]:
-    """Median batch-1 latency (ms) and throughput (samples/s at ``batch_size``), one thread,
-    the models interleaved round by round so that machine noise hits them alike."""
+    """Median batch-1 latency (ms, over ``rounds``) and throughput (samples/s at ``batch_size``, median
+    of ``batch_rounds``), one thread, the models interleaved round by round so that machine noise
+    hits them alike."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single = sample[:1]
-        batch = sample[:batch_size]
+        single, batch = sample[:1], sample[:batch_size]
         for model in models.values():
             model.eval()
-            for _ in range(warmup):
+            for _ in range(5):
                 model(single)
             model(batch)
-        latency: dict[str, list[float]] = {name: [] for name in models}
-        batch_time: dict[str, list[float]] = {name: [] for name in models}
-        for round_index in range(rounds):
-            for name, model in models.items():
-                start = time.perf_counter()
-                model(single)
-                latency[name].append(time.perf_counter() - start)
-                if round_index % 6 == 0:  # large batches cost more; fewer rounds suffice
-                    start = time.perf_counter()
-                    model(batch)
-                    batch_time[name].append(time.perf_counter() - start)
+        latency = _interleaved(models, single, rounds)
+        batch_time = _interleaved(models, batch, batch_rounds)
     finally:
         torch.set_num_threads(threads)
     return {
@@ -77,8 +68,18 @@ def time_models(
     }
 
 
+def _interleaved(models: Mapping[str, nn.Module], inputs: torch.Tensor, rounds: int) -> dict[str, list[float]]:
+    seconds: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model(inputs)
+            seconds[name].append(time.perf_counter() - start)
+    return seconds
+
+
 def measure(
-    models: Mapping[str, nn.Module], test: TensorData, batch_size: int = 256, timing_rounds: int = 30
+    models: Mapping[str, nn.Module], test: TensorData, batch_size: int = 256, timing_rounds: int = 100
 ) -> dict[str, Any]:
     """``report.json``'s content for ``models`` (``teacher`` first; ``student`` and, when
     trained, ``baseline`` after it), evaluated on ``test`` on the CPU."""
@@ -212,10 +213,13 @@ def plot_report(run_dir: Path, report: Mapping[str, Any], histories: Mapping[str
                 for k in (steps[0] if steps else {})
                 if k in ("loss", "ce", "response", "feature") or k.startswith("feature/")
             ]
+            plotted: list[list[float]] = []
             for term in terms:
-                loss_axis.plot(
-                    [r["step"] for r in steps], _smooth([r[term] for r in steps]), label=f"{role}: {term}", linewidth=1
-                )
+                values = [r[term] for r in steps]
+                if not any(values) or values in plotted:  # an unused term, or `loss` equal to `ce`
+                    continue
+                plotted.append(values)
+                loss_axis.plot([r["step"] for r in steps], _smooth(values), label=f"{role}: {term}", linewidth=1)
             epochs = [r for r in rows if r.get("kind") == "epoch"]
             for key in [k for k in (epochs[0] if epochs else {}) if k.endswith("/accuracy")]:
                 accuracy_axis.plot(
@@ -237,17 +241,17 @@ def plot_report(run_dir: Path, report: Mapping[str, Any], histories: Mapping[str
     roles = [r for r in ROLES if r in report]
     colours = {"teacher": "#4c72b0", "baseline": "#999999", "student": "#dd8452"}
     figure, axes = plt.subplots(1, 3, figsize=(12, 3.6))
-    for axis, (key, label, scale) in zip(
+    for axis, (key, label, scale, fmt) in zip(
         axes,
         [
-            ("accuracy", "test accuracy (%)", 100),
-            ("size_mb", "size (MB)", 1),
-            ("latency_ms", "latency, batch 1 (ms)", 1),
+            ("accuracy", "test accuracy (%)", 100, "%.2f"),
+            ("size_mb", "size (MB)", 1, "%.3f"),
+            ("latency_ms", "latency, batch 1, 1 thread (ms)", 1, "%.3f"),
         ],
     ):
         values = [scale * report[r][key] for r in roles]
         bars = axis.bar(roles, values, color=[colours[r] for r in roles])
-        axis.bar_label(bars, fmt="%.2f", fontsize=8)
+        axis.bar_label(bars, fmt=fmt, fontsize=8)
         axis.set_title(label)
         if key == "accuracy":
             low = min(values)

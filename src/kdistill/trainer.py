@@ -28,7 +28,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from kdistill.checkpoint import load_checkpoint, save_checkpoint, save_weights
+from kdistill import faults
+from kdistill.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint, save_weights
 from kdistill.config import TrainConfig
 from kdistill.data import TensorData
 from kdistill.errors import CheckpointError, NonFiniteLossError
@@ -175,6 +176,8 @@ class Trainer:
         c = self.config
         state = {"epoch": 0, "batch": 0, "update": 0, "best_accuracy": None, "best_epoch": None, "stale": 0}
         result = TrainResult()
+        if self.run_dir is not None and self.run_dir.is_dir():
+            remove_stale_temporaries(self.run_dir)  # left by a crash inside a checkpoint write
         if resume:
             state, result.history = self._restore()
         else:
@@ -234,6 +237,7 @@ class Trainer:
                 continue  # resuming: these batches were trained before the checkpoint
             if self.augment is not None:
                 inputs = self.augment(inputs, augment_generator)
+            faults.reached("step")
             out = self._step(inputs.to(self.device), labels.to(self.device), state)
             scalars = {k: float(v.detach()) for k, v in out.items() if isinstance(v, Tensor) and v.dim() == 0}
             logits = out.get("logits")
@@ -262,17 +266,17 @@ class Trainer:
         autocast = (
             torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
         )
-        with autocast:
-            out = self.model(inputs, labels)
+        where = f"at step {state['update']} (epoch {state['epoch'] + 1}); the last good checkpoint is kept"
+        try:
+            with autocast:
+                out = self.model(inputs, labels)
+        except NonFiniteLossError as error:  # raised by the Distiller, which names the term
+            raise NonFiniteLossError(f"{error} {where}", term=error.term, step=state["update"]) from None
         loss = out["loss"]
         if not torch.isfinite(loss):
             terms = [k for k, v in out.items() if isinstance(v, Tensor) and v.dim() == 0 and not torch.isfinite(v)]
-            raise NonFiniteLossError(
-                f"non-finite loss at step {state['update']} (epoch {state['epoch'] + 1}) in term "
-                f"{', '.join(t for t in terms if t != 'loss') or 'loss'}",
-                term=terms[-1] if terms else "loss",
-                step=state["update"],
-            )
+            term = next((t for t in terms if t != "loss"), "loss")
+            raise NonFiniteLossError(f"non-finite loss in term {term} {where}", term=term, step=state["update"])
         self.scaler.scale(loss / c.accumulate).backward()
         last_of_epoch = state["batch"] + 1 == self.steps_per_epoch
         if (state["batch"] + 1) % c.accumulate == 0 or last_of_epoch:
@@ -287,6 +291,7 @@ class Trainer:
         return out
 
     def _evaluate(self) -> dict[str, float]:
+        faults.reached("evaluate")
         record = {}
         for name, data in self.eval_sets.items():
             for metric, value in evaluate(self.eval_model, data, self.eval_batch_size, self.device).items():
