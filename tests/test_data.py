@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from kdistill.config import DataConfig
-from kdistill.data import load_data, shift_augment
+from kdistill.data import ShiftViews, load_data
 from kdistill.errors import ConfigError
 
 
@@ -101,9 +101,16 @@ def test_non_finite_inputs_are_refused(tmp_path):
         load_data(DataConfig(dataset="npz", path=str(tmp_path / "nan.npz")))
 
 
-def test_shift_augment_moves_content_and_keeps_shape():
-    image = torch.zeros(1, 1, 8, 8)
-    image[0, 0, 4, 4] = 1.0
-    moved = [shift_augment(image, torch.Generator().manual_seed(s)) for s in range(20)]
-    assert all(m.shape == image.shape and m.sum() <= 1.0 for m in moved)
-    assert len({tuple(m.nonzero()[0].tolist()) for m in moved if m.sum() > 0}) > 3
+def test_shift_views_move_content_and_are_fixed_per_sample_and_view():
+    images = torch.zeros(6, 1, 8, 8)
+    images[:, 0, 4, 4] = 1.0
+    views = ShiftViews(6, pixels=2)
+    moved = [views(images, torch.arange(6), epoch) for epoch in range(10)]
+    assert all(m.shape == images.shape and float(m.sum()) <= 6.0 for m in moved)
+    positions = {tuple(m[0].nonzero()[0].tolist()) for m in moved if m[0].sum() > 0}
+    assert len(positions) > 3  # a new view most epochs
+    # The same sample gets the same view whatever batch it is in.
+    alone = views(images[3:4], torch.tensor([3]), 7)
+    torch.testing.assert_close(alone[0], moved[7][3])
+    cycled = ShiftViews(6, pixels=2, views=3)
+    torch.testing.assert_close(cycled(images, torch.arange(6), 4), cycled(images, torch.arange(6), 1))

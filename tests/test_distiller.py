@@ -57,7 +57,8 @@ def test_total_loss_matches_hand_computation(teacher, student, batch, alpha, bet
     # float32 log-space KL of nearly equal distributions: absolute error ~ τ² · 1e-7 per term.
     tolerance = {"rel": 1e-5, "abs": 2e-6 * temperature**2}
     assert out["loss"].item() == pytest.approx(want, **tolerance)
-    assert out["response"].item() == pytest.approx(response, **tolerance)
+    # α = 0 stops the teacher after its deepest paired layer: the response is not computed, reported 0.
+    assert out["response"].item() == pytest.approx(response if alpha else 0.0, **tolerance)
     assert out["ce"].item() == pytest.approx(ce, rel=1e-5, abs=1e-7)
     assert out["feature/conv2->conv2"].item() == pytest.approx(features[0], rel=1e-5)
     assert out["feature/conv1->conv1.0"].item() == pytest.approx(features[1], rel=1e-5)
@@ -321,3 +322,19 @@ def test_distiller_to_moves_the_teacher(teacher, student):
     Distiller(teacher, student).to(torch.float64)
     assert next(teacher.parameters()).dtype == torch.float64
     assert next(student.parameters()).dtype == torch.float64
+
+
+def test_alpha_zero_stops_the_teacher_after_its_deepest_paired_layer(teacher, student, batch):
+    ran = []
+    teacher.fc.register_forward_hook(lambda *args: ran.append("fc"))
+    out = Distiller(teacher, student, [PAIR], alpha=0.0)(*batch)
+    assert ran == [] and torch.isfinite(out["loss"])
+    Distiller(teacher, student, [PAIR], alpha=0.5)(*batch)
+    assert ran == ["fc"]
+
+
+def test_lower_precision_teacher_keeps_float32_losses(teacher, student, batch):
+    full = Distiller(teacher, student)(*batch)
+    half = Distiller(teacher, student, teacher_dtype=torch.bfloat16)(*batch)
+    assert half["response"].dtype == torch.float32
+    assert half["response"].item() == pytest.approx(full["response"].item(), rel=0.1, abs=1e-3)

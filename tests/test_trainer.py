@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from kdistill.config import TrainConfig
-from kdistill.data import TensorData, shift_augment
+from kdistill.data import ShiftViews, TensorData
 from kdistill.errors import NonFiniteLossError
 from kdistill.pipeline import Supervised
 from kdistill.trainer import Trainer, evaluate
@@ -73,10 +73,10 @@ def test_training_learns_the_toy_task():
 
 @pytest.mark.parametrize("stop_after", [1, 7, 12])  # inside epoch 1, inside epoch 2, at the epoch 2 boundary
 def test_resume_after_interruption_gives_the_same_final_weights(tmp_path, stop_after):
-    uninterrupted = make_trainer(tmp_path / "a", augment=shift_augment)
+    uninterrupted = make_trainer(tmp_path / "a", augment=ShiftViews(96))
     uninterrupted.fit()
 
-    interrupted = make_trainer(tmp_path / "b", augment=shift_augment)
+    interrupted = make_trainer(tmp_path / "b", augment=ShiftViews(96))
     steps = {"n": 0}
 
     def stop_after_n(module, inputs, output):
@@ -89,7 +89,7 @@ def test_resume_after_interruption_gives_the_same_final_weights(tmp_path, stop_a
     handle.remove()
     assert result.interrupted
 
-    resumed = make_trainer(tmp_path / "b", augment=shift_augment)
+    resumed = make_trainer(tmp_path / "b", augment=ShiftViews(96))
     resumed.fit(resume=True)
     assert_same(weights(uninterrupted), weights(resumed))
     on_disk = load_file(str(tmp_path / "b" / "student.safetensors"))

@@ -76,6 +76,7 @@ class DataConfig:
     test_fraction: float = 0.2
     validation_fraction: float = 0.1
     augment: Literal["none", "shift"] = "shift"
+    augment_views: int | None = None
     image_size: list[int] | None = None
     batch_size: int = 128
     eval_batch_size: int = 1000
@@ -86,6 +87,9 @@ class DataConfig:
             0 <= self.validation_fraction < 1, "validation_fraction", "must be in [0, 1)", self.validation_fraction
         )
         _require(self.batch_size >= 1, "batch_size", "must be ≥ 1", self.batch_size)
+        _require(
+            self.augment_views is None or self.augment_views >= 1, "augment_views", "must be ≥ 1", self.augment_views
+        )
         _require(self.eval_batch_size >= 1, "eval_batch_size", "must be ≥ 1", self.eval_batch_size)
         if self.image_size is not None:
             ok = len(self.image_size) == 2 and all(size >= 1 for size in self.image_size)
@@ -97,7 +101,11 @@ class DataConfig:
 @dataclass(frozen=True)
 class DistillConfig:
     """The loss: ``L_total = beta · (alpha · L_resp + L_feat) + L_CE``. ``feature_pairs`` is a
-    list of pairs or ``auto`` (layers proposed by ``kdistill inspect``)."""
+    list of pairs or ``auto`` (layers proposed by ``kdistill inspect``). ``teacher_cache``:
+    ``auto`` (compute the teacher's outputs once and reuse them whenever that is exact: no
+    augmentation, or ``data.augment_views`` fixed views, and no mixup), ``off``, or a directory.
+    ``teacher_precision``: run a live teacher in bf16/fp16 (for CUDA; under ``train.amp`` it is
+    autocast already)."""
 
     alpha: float = 1.0
     beta: float = 1.0
@@ -105,11 +113,16 @@ class DistillConfig:
     temperature_squared: bool = True
     response_loss: str = "kl"
     feature_pairs: list[PairConfig] | Literal["auto"] = field(default_factory=list)
+    teacher_cache: str = "auto"
+    teacher_precision: Literal["float32", "bf16", "fp16"] = "float32"
+    cache_storage: Literal["float16", "float32", "topk"] = "float16"
+    cache_topk: int = 20
 
     def __post_init__(self) -> None:
         _require(self.alpha >= 0, "alpha", "must be ≥ 0", self.alpha)
         _require(self.beta >= 0, "beta", "must be ≥ 0", self.beta)
         _require(self.temperature > 0, "temperature", "must be > 0", self.temperature)
+        _require(self.cache_topk >= 1, "cache_topk", "must be ≥ 1", self.cache_topk)
 
 
 @dataclass(frozen=True)

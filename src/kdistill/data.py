@@ -37,10 +37,15 @@ class TensorData:
         return len(self.labels)
 
     def batches(self, batch_size: int, order: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-        """Consecutive batches, in ``order`` (a permutation) when given."""
+        """Consecutive ``(inputs, labels)`` batches, in ``order`` (a permutation) when given."""
+        for indices in self.index_batches(batch_size, order):
+            yield self.inputs[indices], self.labels[indices]
+
+    def index_batches(self, batch_size: int, order: Tensor | None = None) -> Iterator[Tensor]:
+        """The sample indices of each batch."""
+        order = torch.arange(len(self)) if order is None else order
         for start in range(0, len(self), batch_size):
-            index = slice(start, start + batch_size) if order is None else order[start : start + batch_size]
-            yield self.inputs[index], self.labels[index]
+            yield order[start : start + batch_size]
 
 
 @dataclass
@@ -210,16 +215,45 @@ def _check(part: TensorData, which: str, name: str) -> None:
         raise ConfigError(f"dataset {name!r}: the {which} labels contain negative values ({int(part.labels.min())})")
 
 
-def shift_augment(inputs: Tensor, generator: torch.Generator, pixels: int = 2) -> Tensor:
-    """Random translations of up to ``pixels`` in each direction, per sample (zero-padded borders
-    at the background value, taken as each image's minimum)."""
+class ShiftViews:
+    """Random translations of up to ``pixels`` in each direction, fixed per (sample, view).
+
+    View ``v`` of sample ``i`` is the same whatever batch the sample lands in and whatever the
+    training seed, so a cached teacher output for (i, v) belongs to exactly the view the student
+    sees. Epoch ``e`` uses view ``e`` (a fresh view every epoch) or, with ``views`` set, view
+    ``e mod views`` (a fixed set of views that a teacher cache can hold). Borders are filled with
+    each image's minimum (its background).
+    """
+
+    def __init__(self, num_samples: int, pixels: int = 2, views: int | None = None, seed: int = 0) -> None:
+        self.num_samples, self.pixels, self.views, self.seed = num_samples, pixels, views, seed
+        self._offsets: tuple[int, Tensor] | None = None
+
+    def view_of(self, epoch: int) -> int:
+        return epoch if self.views is None else epoch % self.views
+
+    def offsets(self, view: int) -> Tensor:
+        """``(num_samples, 2)`` row and column offsets in ``[0, 2·pixels]`` of ``view``."""
+        if self._offsets is None or self._offsets[0] != view:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + view)
+            self._offsets = (view, torch.randint(0, 2 * self.pixels + 1, (self.num_samples, 2), generator=generator))
+        return self._offsets[1]
+
+    def __call__(self, inputs: Tensor, indices: Tensor, epoch: int) -> Tensor:
+        return shift(inputs, self.offsets(self.view_of(epoch))[indices], self.pixels)
+
+    def identity(self) -> str:
+        """What a teacher cache must match."""
+        return f"shift(pixels={self.pixels}, views={self.views}, seed={self.seed})"
+
+
+def shift(inputs: Tensor, offsets: Tensor, pixels: int) -> Tensor:
+    """Translate each ``(N, C, H, W)`` image by ``offsets[n] − pixels`` (rows, columns)."""
     if inputs.dim() != 4:
         return inputs
     n, c, h, w = inputs.shape
     background = inputs.amin(dim=(1, 2, 3), keepdim=True)
     padded = torch.nn.functional.pad(inputs - background, (pixels,) * 4) + background
-    dy = torch.randint(0, 2 * pixels + 1, (n,), generator=generator)
-    dx = torch.randint(0, 2 * pixels + 1, (n,), generator=generator)
-    rows = (dy[:, None] + torch.arange(h))[:, None, :, None]
-    cols = (dx[:, None] + torch.arange(w))[:, None, None, :]
+    rows = (offsets[:, 0, None] + torch.arange(h))[:, None, :, None]
+    cols = (offsets[:, 1, None] + torch.arange(w))[:, None, None, :]
     return padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]

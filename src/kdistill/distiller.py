@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 from kdistill import losses
 from kdistill.adapters import build_adapter
 from kdistill.errors import ClassCountError, ConfigError, FeatureShapeError, NonFiniteLossError
-from kdistill.hooks import FeatureRecorder, first_tensor
+from kdistill.hooks import FeatureRecorder, StopForward, first_tensor
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,8 @@ class Distiller(nn.Module):
             otherwise at the first forward (call :meth:`build` before creating an optimizer).
         check_finite: raise :class:`NonFiniteLossError` naming the term when the loss
             is NaN or infinite.
+        teacher_dtype: run the teacher under autocast to this dtype (``torch.bfloat16`` or
+            ``torch.float16`` on CUDA) to halve its cost; the losses stay float32.
 
     ``forward(inputs, labels=None)`` returns a dict with ``loss``, ``ce``, ``response``,
     ``feature``, one ``feature/<student>-><teacher>`` per pair and ``logits``. Inputs
@@ -122,6 +125,7 @@ class Distiller(nn.Module):
         feature_fn: Callable[[Any], Tensor] = first_tensor,
         sample_input: Any = None,
         check_finite: bool = True,
+        teacher_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         _check_range("temperature", temperature, minimum=0.0, inclusive=False)
@@ -134,9 +138,11 @@ class Distiller(nn.Module):
         if len(set(names)) != len(names):
             raise ConfigError(f"feature pairs repeat: {names}")
         self.alpha, self.beta, self.temperature = float(alpha), float(beta), float(temperature)
+        self.stops_teacher_early = self.alpha == 0 and bool(self.pairs)
         self.temperature_squared = temperature_squared
         self.ignore_index = ignore_index
         self.check_finite = check_finite
+        self.teacher_dtype = teacher_dtype
         self.logits_fn = logits_fn
         self._response_loss = losses.resolve(response_loss, losses.RESPONSE_LOSSES, "response")
         self._feature_losses = [losses.resolve(p.loss, losses.FEATURE_LOSSES, "feature") for p in self.pairs]
@@ -168,13 +174,12 @@ class Distiller(nn.Module):
         was_training = self.student.training
         self.student.eval()
         try:
-            self._teacher_recorder.clear()
             self._student_recorder.clear()
-            teacher_out = call_model(self.teacher, sample_input)
-            teacher_features = self._teacher_recorder.pop()
-            student_out = call_model(self.student, sample_input)
+            teacher_logits, teacher_features = self.run_teacher(sample_input)
+            student_logits = self.logits_fn(call_model(self.student, sample_input))
             student_features = self._student_recorder.pop()
-            self._check_logits(self.logits_fn(student_out), self.logits_fn(teacher_out))
+            if teacher_logits is not None:
+                self._check_logits(student_logits, teacher_logits)
             self._build_adapters(student_features, teacher_features)
         finally:
             self.student.train(was_training)
@@ -213,42 +218,86 @@ class Distiller(nn.Module):
         self.teacher._apply(fn)
         return super()._apply(fn, recurse)
 
-    def forward(self, inputs: Any, labels: Tensor | None = None) -> dict[str, Tensor]:
-        """One distillation step's losses; see the class docstring for the keys."""
+    def forward(
+        self,
+        inputs: Any,
+        labels: Tensor | None = None,
+        *,
+        teacher_outputs: tuple[Tensor, Mapping[str, Tensor]] | None = None,
+    ) -> dict[str, Tensor]:
+        """One distillation step's losses; see the class docstring for the keys.
+
+        ``teacher_outputs``, when given, is the teacher's ``(logits, {layer: feature})`` for these
+        inputs (e.g. from a :class:`kdistill.cache.TeacherCache`); the teacher is then not run.
+        """
         mask = token_mask(inputs)
-        self._teacher_recorder.clear()
+        if teacher_outputs is None:
+            teacher_logits, teacher_features = self.run_teacher(inputs)
+        else:
+            teacher_logits, teacher_features = teacher_outputs
         self._student_recorder.clear()
-        with torch.no_grad():
-            teacher_logits = self.logits_fn(call_model(self.teacher, inputs))
-            teacher_features = self._teacher_recorder.pop()
         student_logits = self.logits_fn(call_model(self.student, inputs))
         student_features = self._student_recorder.pop()
-        self._check_logits(student_logits, teacher_logits)
+        if isinstance(teacher_logits, Tensor):  # None when α = 0 stopped the teacher; TopKLogits from a cache
+            self._check_logits(student_logits, teacher_logits)
         if not self._built:
             self._build_adapters(student_features, teacher_features)
         return self.compute_losses(student_logits, teacher_logits, student_features, teacher_features, labels, mask)
 
+    @torch.no_grad()
+    def run_teacher(self, inputs: Any) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """The teacher's logits and hooked features for ``inputs``, without an autograd graph.
+
+        With ``alpha = 0`` the forward pass stops after the last paired layer and the logits are None.
+        """
+        self._teacher_recorder.clear()
+        # With α = 0 nothing after the deepest paired teacher layer is needed: stop the teacher there.
+        self._teacher_recorder.stop_when_complete = self.stops_teacher_early
+        precision = nullcontext()
+        if self.teacher_dtype is not None:
+            device = next(self.teacher.parameters(), torch.empty(0)).device
+            precision = torch.autocast(device.type, dtype=self.teacher_dtype)
+        try:
+            with precision:
+                logits = self.logits_fn(call_model(self.teacher, inputs))
+        except StopForward:
+            logits = None
+        finally:
+            self._teacher_recorder.stop_when_complete = False
+        return logits, self._teacher_recorder.pop()
+
+    @property
+    def teacher_layers(self) -> list[str]:
+        """The teacher layers whose features the pairs need (what a cache must hold)."""
+        return list(self._teacher_recorder.paths)
+
     def compute_losses(
         self,
         student_logits: Tensor,
-        teacher_logits: Tensor,
+        teacher_logits: Tensor | None,
         student_features: Mapping[str, Tensor],
         teacher_features: Mapping[str, Tensor],
         labels: Tensor | None = None,
         mask: Tensor | None = None,
     ) -> dict[str, Tensor]:
-        """The loss dict from already computed outputs (also used with cached teacher outputs)."""
-        response_mask = mask if _is_token_mask(mask, student_logits) else None
-        response = losses.response_loss(
-            student_logits,
-            teacher_logits,
-            self.temperature,
-            labels,
-            ignore_index=self.ignore_index,
-            mask=response_mask,
-            temperature_squared=self.temperature_squared,
-            loss=self._response_loss,
-        )
+        """The loss dict from already computed outputs (also used with cached teacher outputs).
+
+        ``teacher_logits`` is None only when ``alpha = 0`` stopped the teacher early; ``response``
+        is then reported as 0 (it has no weight in the loss).
+        """
+        if teacher_logits is None:
+            response = student_logits.new_zeros((), dtype=torch.float32)
+        else:
+            response = losses.response_loss(
+                student_logits,
+                teacher_logits,
+                self.temperature,
+                labels,
+                ignore_index=self.ignore_index,
+                mask=mask if _is_token_mask(mask, student_logits) else None,
+                temperature_squared=self.temperature_squared,
+                loss=self._response_loss,
+            )
         out: dict[str, Tensor] = {}
         feature = student_logits.new_zeros((), dtype=torch.float32)
         for index, (pair, loss_fn) in enumerate(zip(self.pairs, self._feature_losses)):

@@ -75,6 +75,10 @@ def find_module(model: nn.Module, path: str, role: str = "model") -> nn.Module:
     return modules[path]
 
 
+class StopForward(Exception):
+    """Raised by a recorder with ``stop_when_complete`` once every layer has been captured."""
+
+
 class FeatureRecorder:
     """Records the outputs of the layers at ``paths`` of ``model`` on every forward.
 
@@ -83,6 +87,10 @@ class FeatureRecorder:
         paths: dotted paths as in ``model.named_modules()``.
         feature_fn: extracts a tensor from a layer's output (default :func:`first_tensor`).
         role: ``"teacher"`` or ``"student"``, used in error messages.
+
+    While ``stop_when_complete`` is true, the hooks raise :class:`StopForward` as soon as every
+    layer has been captured, so the rest of the forward pass is skipped; whoever sets it catches
+    that and sets it back (other calls of the model are unaffected).
     """
 
     def __init__(
@@ -93,6 +101,7 @@ class FeatureRecorder:
         role: str = "model",
     ) -> None:
         self.role = role
+        self.stop_when_complete = False
         self.paths = list(dict.fromkeys(strip_wrapper_prefixes(p) for p in paths))
         self._feature_fn = feature_fn
         self._features: dict[str, Tensor] = {}
@@ -102,6 +111,8 @@ class FeatureRecorder:
     def _hook(self, path: str) -> Callable:
         def hook(module: nn.Module, inputs: Any, output: Any) -> None:
             self._features[path] = self._feature_fn(output)
+            if self.stop_when_complete and len(self._features) == len(self.paths):
+                raise StopForward
 
         return hook
 

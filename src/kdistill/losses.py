@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -87,6 +88,50 @@ def decoupled_kl(
     non_target_student = F.log_softmax(student.masked_fill(is_target, float("-inf")), -1)
     non_target_part = kl(non_target_teacher, non_target_student)
     return (target_weight * target_part + non_target_weight * non_target_part).mean()
+
+
+class TopKLogits(NamedTuple):
+    """A teacher's logits kept as its top ``k`` classes plus the probability mass of the rest.
+
+    ``values``/``indices``: ``(..., k)`` raw logits and class ids; ``log_rest``: ``(...)`` the log of
+    ``r = Σ_{j ∉ top-k} softmax(z/τ)_j`` at the cache's temperature ``τ``.
+    """
+
+    values: Tensor
+    indices: Tensor
+    log_rest: Tensor
+
+    @classmethod
+    def from_logits(cls, logits: Tensor, k: int, temperature: float) -> TopKLogits:
+        values, indices = logits.float().topk(k, dim=-1)
+        log_p = F.log_softmax(logits.float() / temperature, -1)
+        log_rest = log_p.scatter(-1, indices, float("-inf")).logsumexp(-1)
+        return cls(values, indices, log_rest)
+
+    def rows(self, keep: Tensor | None) -> TopKLogits:
+        """Flattened to ``(R, k)`` rows, keeping those where ``keep`` is true."""
+        k = self.values.shape[-1]
+        flat = TopKLogits(self.values.reshape(-1, k), self.indices.reshape(-1, k), self.log_rest.reshape(-1))
+        return flat if keep is None else TopKLogits(*(part[keep] for part in flat))
+
+
+def topk_kl_rows(student_logits: Tensor, teacher: TopKLogits, temperature: float) -> Tensor:
+    """Per-row KL between the teacher and student distributions coarsened to k + 1 outcomes:
+    the teacher's top-k classes, and "any other class" (carrying the teacher's mass ``r``).
+
+    By the chain rule ``KL(P_t ‖ P_s) = KL_coarse + r · KL(Q_t ‖ Q_s)``, where ``Q`` are the
+    distributions renormalised over the other classes, so this is a lower bound of the full
+    KL with error ``0 ≤ KL − KL_coarse ≤ r · max_j log(Q_t(j) / Q_s(j))``: small when ``r`` is.
+    """
+    log_p_student = F.log_softmax(_at_least_float32(student_logits) / temperature, -1)
+    student_top = log_p_student.gather(-1, teacher.indices)
+    student_rest = log_p_student.scatter(-1, teacher.indices, float("-inf")).logsumexp(-1)
+    log_kept = torch.log1p(-teacher.log_rest.exp().clamp(max=1 - 1e-7))  # log(1 − r)
+    teacher_top = F.log_softmax(teacher.values / temperature, -1) + log_kept[:, None]
+    p_top, p_rest = teacher_top.exp(), teacher.log_rest.exp()
+    top_terms = (p_top * (teacher_top - student_top)).sum(-1)
+    rest_terms = torch.where(p_rest > 0, p_rest * (teacher.log_rest - student_rest), 0.0)
+    return top_terms + rest_terms
 
 
 def _pearson_distance(a: Tensor, b: Tensor, dim: int) -> Tensor:
@@ -177,7 +222,7 @@ def select_rows(logits: Tensor, labels: Tensor | None, ignore_index: int, mask: 
         raise ValueError(
             f"{keep.numel()} labels/mask entries for {rows.shape[0]} logit rows of shape {tuple(logits.shape)}"
         )
-    return rows[keep]
+    return rows if bool(keep.all()) else rows[keep]  # the common case copies nothing
 
 
 def _kept(labels: Tensor | None, ignore_index: int, mask: Tensor | None) -> Tensor | None:
@@ -224,6 +269,14 @@ def response_loss(
         A float32 scalar; 0 (still attached to the graph) when no row counts.
     """
     student_rows = select_rows(student_logits, labels, ignore_index, mask)
+    if isinstance(teacher_logits, TopKLogits):  # a top-k cache: the coarse KL (see topk_kl_rows)
+        if loss is not kl_divergence:
+            raise ValueError("a top-k teacher cache supports the kl response loss only; use float16 storage")
+        teacher_rows = teacher_logits.rows(_kept(labels, ignore_index, mask))
+        if student_rows.shape[0] == 0:
+            return student_logits.float().sum() * 0.0
+        value = topk_kl_rows(student_rows, teacher_rows, temperature).mean()
+        return value * temperature**2 if temperature_squared else value
     teacher_rows = select_rows(teacher_logits, labels, ignore_index, mask)
     if student_rows.shape[0] == 0:
         return student_logits.float().sum() * 0.0

@@ -18,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,16 +26,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdistill.cache import CachedDistillation, TeacherCache, fingerprint
 from kdistill.checkpoint import atomic_write, save_weights
 from kdistill.config import Config, PairConfig, dump_config, from_dict, read_yaml, to_dict
-from kdistill.data import Splits, load_data, shift_augment
+from kdistill.data import ShiftViews, Splits, load_data
 from kdistill.distiller import Distiller, FeaturePair, default_logits
 from kdistill.errors import ConfigError
 from kdistill.layers import propose_pairs
 from kdistill.losses import cross_entropy
 from kdistill.models import build_model, check_model_name, load_weights
 from kdistill.report import measure, write_report
-from kdistill.trainer import Trainer, TrainResult, evaluate
+from kdistill.trainer import Trainer, TrainResult, evaluate, pick_device
 
 Log = Callable[[str], None]
 RESULT_FILES = ("report.json", "config.yaml", "teacher", "baseline", "distill")
@@ -198,6 +200,62 @@ def prepare_teacher(config: Config, teacher: nn.Module, splits: Splits, out: Pat
     return teacher
 
 
+def make_augment(config: Config, splits: Splits) -> ShiftViews | None:
+    if config.data.augment == "shift":
+        return ShiftViews(len(splits.train), views=config.data.augment_views)
+    return None
+
+
+def prepare_cache(
+    config: Config, teacher: nn.Module, distiller: Distiller, splits: Splits, out: Path, log: Log
+) -> TeacherCache | None:
+    """The teacher-output cache for the distillation phase, or None to run the teacher live."""
+    setting = config.distill.teacher_cache
+    if setting == "off":
+        return None
+    why_not = None
+    if config.train.mixup > 0:
+        why_not = "train.mixup shows the teacher new mixed views every step"
+    elif config.data.augment != "none" and config.data.augment_views is None:
+        why_not = "data.augment gives a fresh view every epoch; set data.augment_views to cache a fixed number"
+    if why_not:
+        if setting != "auto":
+            raise ConfigError(f"distill.teacher_cache: cannot cache the teacher here: {why_not}")
+        log(f"teacher cache: off ({why_not})")
+        return None
+    augment = make_augment(config, splits)
+    layers = distiller.teacher_layers
+    d = config.distill
+    topk = (d.cache_topk, d.temperature) if d.cache_storage == "topk" else (None, None)
+    expected = fingerprint(teacher, splits.train, augment, layers, d.cache_storage, *topk)
+    if setting == "auto":
+        key = hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:16]
+        directory = (Path(config.cache_dir) if config.cache_dir else default_cache_dir()) / "teacher-outputs" / key
+    else:
+        directory = Path(setting)
+    if (directory / "meta.json").exists():
+        cache = TeacherCache.open(directory, expected)  # a stale explicit cache is refused with the reason
+        log(f"teacher cache: reusing {directory}")
+        return cache
+    started = time.perf_counter()
+    cache = TeacherCache.build(
+        directory,
+        teacher,
+        splits.train,
+        layers=layers,
+        augment=augment,
+        storage=d.cache_storage,
+        topk=topk[0],
+        temperature=topk[1],
+        device=pick_device(config.train.device),
+    )
+    log(
+        f"teacher cache: built {directory} ({cache.views} view(s), {cache.bytes_per_sample:,.0f} bytes per sample, "
+        f"{time.perf_counter() - started:.1f} s)"
+    )
+    return cache
+
+
 def run_phase(
     name: str,
     model: nn.Module,
@@ -219,7 +277,7 @@ def run_phase(
         log(f"{name}: already finished, loaded its weights")
         return None
     eval_sets = {"validation": splits.validation, "test": splits.test} if splits.validation else {"test": splits.test}
-    augment = shift_augment if config.data.augment == "shift" else None
+    augment = make_augment(config, splits)
     trainer = Trainer(
         model,
         parameters,
@@ -292,10 +350,13 @@ def run(config: Config, out: Path, *, resume: bool = False, force: bool = False,
         temperature_squared=d.temperature_squared,
         response_loss=d.response_loss,
         sample_input=sample,
+        teacher_dtype={"float32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[d.teacher_precision],
     ) as distiller:
+        cache = prepare_cache(config, teacher, distiller, splits, out, log)
+        task = CachedDistillation(distiller, cache) if cache is not None else distiller
         run_phase(
             "distill",
-            with_mixup(distiller, config.train.mixup),
+            with_mixup(task, config.train.mixup),
             distiller.trainable_parameters(),
             student,
             splits,

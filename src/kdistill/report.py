@@ -7,6 +7,7 @@ logits and compares them with the first one (the teacher).
 from __future__ import annotations
 
 import json
+import random
 import statistics
 import time
 from collections.abc import Mapping
@@ -69,9 +70,15 @@ def time_models(
 
 
 def _interleaved(models: Mapping[str, nn.Module], inputs: torch.Tensor, rounds: int) -> dict[str, list[float]]:
+    """Seconds per call, round by round, in a shuffled order each round: whichever model runs right
+    after the large teacher inherits its memory state, so no model may always hold that place."""
     seconds: dict[str, list[float]] = {name: [] for name in models}
+    order = list(models)
+    shuffler = random.Random(0)
     for _ in range(rounds):
-        for name, model in models.items():
+        shuffler.shuffle(order)
+        for name in order:
+            model = models[name]
             start = time.perf_counter()
             model(inputs)
             seconds[name].append(time.perf_counter() - start)

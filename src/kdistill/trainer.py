@@ -4,14 +4,19 @@ The model is any ``nn.Module`` whose ``forward(inputs, labels)`` returns a mappi
 with a ``loss`` to backpropagate; every other scalar in that mapping is logged,
 and a ``logits`` entry gives the running training accuracy.
 
-Determinism: the batch order and the augmentation of epoch ``e`` come from
-generators seeded by ``(seed, e)``, and a checkpoint stores the position inside
-the epoch with every RNG state, so a resumed run repeats an uninterrupted one
-exactly (on the same machine).
+Determinism: the batch order of epoch ``e`` comes from a generator seeded by
+``(seed, e)``, augmentation is a function of (sample, epoch), and a checkpoint
+stores the position inside the epoch with every RNG state, so a resumed run
+repeats an uninterrupted one exactly (on the same machine).
+
+A model whose ``forward`` takes ``indices`` / ``epoch`` keywords also receives the
+batch's sample indices and the epoch (a distiller reading cached teacher outputs
+needs them).
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import signal
@@ -85,7 +90,8 @@ class Trainer:
         eval_sets: named splits evaluated after every epoch, e.g. ``validation`` and ``test``.
         select_on: the eval set whose accuracy picks the best epoch and drives early
             stopping; never the test set in an honest run. ``None``: the last epoch is kept.
-        augment: ``(inputs, generator) -> inputs`` applied to each training batch.
+        augment: ``(inputs, indices, epoch) -> inputs`` applied to each training batch, e.g.
+            :class:`kdistill.data.ShiftViews`; a pure function of its arguments.
         run_dir: where ``checkpoint.pt``, ``<weights_name>.safetensors`` (the eval model after the
             last epoch), ``<weights_name>_best.safetensors``, ``metrics.jsonl`` and TensorBoard
             events go; ``None`` writes nothing.
@@ -104,7 +110,7 @@ class Trainer:
         eval_model: nn.Module | None = None,
         eval_sets: Mapping[str, TensorData] | None = None,
         select_on: str | None = "validation",
-        augment: Callable[[Tensor, torch.Generator], Tensor] | None = None,
+        augment: Callable[[Tensor, Tensor, int], Tensor] | None = None,
         run_dir: str | Path | None = None,
         log: Callable[[str], None] | None = None,
         description: str = "train",
@@ -119,6 +125,8 @@ class Trainer:
         self.eval_sets = dict(eval_sets or {})
         self.select_on = select_on if select_on in self.eval_sets else None
         self.augment = augment
+        accepted = inspect.signature(model.forward).parameters
+        self.batch_keywords = [name for name in ("indices", "epoch") if name in accepted]
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.log = log or (lambda line: None)
         self.description = description
@@ -217,11 +225,7 @@ class Trainer:
     def _run_epoch(self, state: dict[str, Any], writer: _MetricsWriter) -> None:
         c = self.config
         epoch = state["epoch"]
-        order = torch.randperm(len(self.train_data), generator=_generator(c.seed, epoch, 0))
-        augment_generator = _generator(c.seed, epoch, 1)
-        if state.get("augment_rng") is not None:  # resuming inside this epoch
-            augment_generator.set_state(state.pop("augment_rng"))
-        batches = self.train_data.batches(self.batch_size, order)
+        order = torch.randperm(len(self.train_data), generator=_generator(c.seed, epoch))
         bar = tqdm(
             total=self.steps_per_epoch,
             initial=state["batch"],
@@ -232,36 +236,29 @@ class Trainer:
             file=sys.stderr,
         )
         running = _Running()
-        for index, (inputs, labels) in enumerate(batches):
+        for index, indices in enumerate(self.train_data.index_batches(self.batch_size, order)):
             if index < state["batch"]:
                 continue  # resuming: these batches were trained before the checkpoint
+            inputs, labels = self.train_data.inputs[indices], self.train_data.labels[indices]
             if self.augment is not None:
-                inputs = self.augment(inputs, augment_generator)
+                inputs = self.augment(inputs, indices, epoch)
             faults.reached("step")
-            out = self._step(inputs.to(self.device), labels.to(self.device), state)
+            out = self._step(inputs.to(self.device), labels.to(self.device), indices, state)
             scalars = {k: float(v.detach()) for k, v in out.items() if isinstance(v, Tensor) and v.dim() == 0}
             logits = out.get("logits")
             if isinstance(logits, Tensor):
                 running.add_accuracy(logits.detach(), labels.to(self.device))
             running.add_loss(scalars["loss"])
-            writer.step(
-                {
-                    "epoch": epoch + 1,
-                    "batch": index,
-                    "step": state["update"],
-                    "lr": self.scheduler.get_last_lr()[0],
-                    **scalars,
-                }
-            )
+            lr = self.scheduler.get_last_lr()[0]
+            writer.step({"epoch": epoch + 1, "batch": index, "step": state["update"], "lr": lr, **scalars})
             state["batch"] = index + 1
             bar.update(1)
             bar.set_postfix(running.postfix(), refresh=False)
             if self._stop_requested:
-                state["augment_rng"] = augment_generator.get_state()
                 break
         bar.close()
 
-    def _step(self, inputs: Tensor, labels: Tensor, state: dict[str, Any]) -> Mapping[str, Tensor]:
+    def _step(self, inputs: Tensor, labels: Tensor, indices: Tensor, state: dict[str, Any]) -> Mapping[str, Tensor]:
         c = self.config
         autocast = (
             torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
@@ -269,7 +266,8 @@ class Trainer:
         where = f"at step {state['update']} (epoch {state['epoch'] + 1}); the last good checkpoint is kept"
         try:
             with autocast:
-                out = self.model(inputs, labels)
+                keywords = {"indices": indices, "epoch": state["epoch"]}
+                out = self.model(inputs, labels, **{k: keywords[k] for k in self.batch_keywords})
         except NonFiniteLossError as error:  # raised by the Distiller, which names the term
             raise NonFiniteLossError(f"{error} {where}", term=error.term, step=state["update"]) from None
         loss = out["loss"]
@@ -331,8 +329,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), **_cuda_rng()},
-            "state": {k: v for k, v in state.items() if k != "augment_rng"},
-            "augment_rng": state.get("augment_rng"),
+            "state": state,
             "history": history,
         }
         save_checkpoint(payload, self.run_dir / "checkpoint.pt")
@@ -355,11 +352,7 @@ class Trainer:
         torch.set_rng_state(payload["rng"]["torch"])
         if "cuda" in payload["rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
-        state = dict(payload["state"])
-        state["augment_rng"] = payload.get("augment_rng")
-        if state["batch"] == 0:
-            state["augment_rng"] = None
-        return state, list(payload["history"])
+        return dict(payload["state"]), list(payload["history"])
 
     # -- Ctrl-C ------------------------------------------------------------------------------
 
@@ -465,8 +458,8 @@ def _before(record: dict[str, Any], epochs_done: int, batches_done: int) -> bool
     return record["epoch"] <= epochs_done or (record["epoch"] == epochs_done + 1 and record["batch"] < batches_done)
 
 
-def _generator(seed: int, epoch: int, stream: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch * 7 + stream)
+def _generator(seed: int, epoch: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
 def _cuda_rng() -> dict[str, Any]:
