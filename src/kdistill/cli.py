@@ -34,7 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_ERROR
         return int(args.handler(args) or 0)
     except KDistillError as error:
-        print(f"kdistill: error: {error}", file=sys.stderr)
+        if _is_main():  # under torchrun every rank fails alike: say it once
+            print(f"kdistill: error: {error}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         hint = ""
@@ -53,6 +54,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_ERROR
+
+
+def _is_main() -> bool:
+    from kdistill.distributed import world
+
+    return world().is_main
 
 
 def _resume_argv(argv: list[str]) -> list[str]:
@@ -143,14 +150,19 @@ def _run(config: Any, args: argparse.Namespace, title: str) -> int:
     import dataclasses
     import time
 
+    from kdistill.distributed import setup_from_environment
     from kdistill.pipeline import run
     from kdistill.report import markdown
 
+    place = setup_from_environment()  # under torchrun: join the process group (gloo on CPU, NCCL on CUDA)
     out = Path(args.out or config.out)
     config = dataclasses.replace(config, out=str(out))
-    log = (lambda line: None) if args.quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+    quiet = args.quiet or not place.is_main
+    log = (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     started = time.perf_counter()
     report = run(config, out, resume=args.resume, force=args.force, log=log)
+    if not place.is_main:
+        return 0
     print(markdown(report, title).split("\n", 2)[2].strip())
     seconds = time.perf_counter() - started
     print(f"\nwrote {out / 'report.md'}, {out / 'report.json'} and {out / 'plots'}/ in {seconds:.0f} s")

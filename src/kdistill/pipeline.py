@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from kdistill import distributed
 from kdistill.cache import CachedDistillation, TeacherCache, fingerprint
 from kdistill.checkpoint import atomic_write, save_weights
 from kdistill.config import Config, PairConfig, dump_config, from_dict, read_yaml, to_dict
@@ -196,7 +197,8 @@ def prepare_teacher(config: Config, teacher: nn.Module, splits: Splits, out: Pat
     log(f"teacher: no weights given; training it for {budget.epochs} epochs (cached in {cached.parent})")
     task = with_mixup(Supervised(teacher), config.teacher.mixup)
     run_phase("teacher", task, task.parameters(), teacher, splits, budget, config, out, resume, log)
-    save_weights(teacher.state_dict(), cached)
+    if distributed.world().is_main:
+        save_weights(teacher.state_dict(), cached)
     return teacher
 
 
@@ -233,11 +235,40 @@ def prepare_cache(
         directory = (Path(config.cache_dir) if config.cache_dir else default_cache_dir()) / "teacher-outputs" / key
     else:
         directory = Path(setting)
+    distributed.on_main(
+        distributed.world(),
+        build_cache,
+        directory,
+        expected,
+        teacher,
+        splits,
+        augment,
+        layers,
+        d,
+        config.train.device,
+        log,
+    )  # rank 0 builds the cache; then every rank reads the whole of it
+    return TeacherCache.open(directory, expected)
+
+
+def build_cache(
+    directory: Path,
+    expected: dict[str, Any],
+    teacher: nn.Module,
+    splits: Splits,
+    augment: ShiftViews | None,
+    layers: list[str],
+    d: Any,
+    device: str,
+    log: Log,
+) -> None:
+    """Build the cache in ``directory`` unless a valid one is there (a stale explicit one is refused)."""
     if (directory / "meta.json").exists():
-        cache = TeacherCache.open(directory, expected)  # a stale explicit cache is refused with the reason
+        TeacherCache.open(directory, expected)
         log(f"teacher cache: reusing {directory}")
-        return cache
+        return
     started = time.perf_counter()
+    topk = (d.cache_topk, d.temperature) if d.cache_storage == "topk" else (None, None)
     cache = TeacherCache.build(
         directory,
         teacher,
@@ -247,13 +278,12 @@ def prepare_cache(
         storage=d.cache_storage,
         topk=topk[0],
         temperature=topk[1],
-        device=pick_device(config.train.device),
+        device=pick_device(device),
     )
     log(
         f"teacher cache: built {directory} ({cache.views} view(s), {cache.bytes_per_sample:,.0f} bytes per sample, "
         f"{time.perf_counter() - started:.1f} s)"
     )
-    return cache
 
 
 def run_phase(
@@ -296,14 +326,17 @@ def run_phase(
     result = trainer.fit(resume=resume and (directory / "checkpoint.pt").exists())
     if result.interrupted:
         raise KeyboardInterrupt
-    atomic_write(done, lambda path: Path(path).write_text(json.dumps(dataclasses.asdict(result), indent=2) + "\n"))
+    if distributed.world().is_main:
+        text = json.dumps(dataclasses.asdict(result), indent=2) + "\n"
+        atomic_write(done, lambda path: Path(path).write_text(text))
     model.to("cpu")
     return result
 
 
 def run(config: Config, out: Path, *, resume: bool = False, force: bool = False, log: Log = print) -> dict[str, Any]:
     """The whole job; returns the report. See the module docstring for what it writes."""
-    prepare_run_dir(out, resume, force)
+    place = distributed.world()
+    distributed.on_main(place, prepare_run_dir, out, resume, force)
     if resume:
         saved = from_dict(read_yaml(out / "config.yaml"))
         if dataclasses.replace(saved, out=config.out) != dataclasses.replace(
@@ -324,7 +357,7 @@ def run(config: Config, out: Path, *, resume: bool = False, force: bool = False,
     teacher, student = build_pair(config, splits)
     sample = splits.train.inputs[:2]
     config = resolve_pairs(config, teacher, student, sample, log)
-    if not resume:
+    if not resume and place.is_main:
         atomic_write(out / "config.yaml", lambda path: Path(path).write_text(dump_config(config)))
     teacher = prepare_teacher(config, teacher, splits, out, resume, log)
     log(f"teacher: {100 * evaluate(teacher, splits.test, config.data.eval_batch_size)['accuracy']:.2f} % test accuracy")
@@ -366,11 +399,13 @@ def run(config: Config, out: Path, *, resume: bool = False, force: bool = False,
             resume,
             log,
         )
-        if len(distiller.adapters):
+        if len(distiller.adapters) and place.is_main:
             save_weights(distiller.adapters.state_dict(), out / "distill" / "adapters.safetensors")
     models["student"] = student
 
     log("report: measuring accuracy, size and single-thread latency …")
+    if not place.is_main:  # rank 0 measures and writes the report
+        return {}
     report = measure(models, splits.test, batch_size=config.data.eval_batch_size)
     histories = {
         name: out / name / "metrics.jsonl" for name in ("baseline", "distill") if name in models or name == "distill"

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from kdistill import faults
+from kdistill import distributed, faults
 from kdistill.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint, save_weights
 from kdistill.config import TrainConfig
 from kdistill.data import TensorData
@@ -128,12 +128,22 @@ class Trainer:
         accepted = inspect.signature(model.forward).parameters
         self.batch_keywords = [name for name in ("indices", "epoch") if name in accepted]
         self.run_dir = Path(run_dir) if run_dir is not None else None
-        self.log = log or (lambda line: None)
+        self.world = distributed.world()
+        self.writes = self.run_dir is not None and self.world.is_main  # rank 0 alone writes
+        self.log = (log or (lambda line: None)) if self.world.is_main else (lambda line: None)
         self.description = description
         self.weights_name = weights_name
         self.device = pick_device(config.device)
         self.model.to(self.device)
         self.eval_model.to(self.device)
+        # Only what the optimizer trains is wrapped: a distiller's teacher is not a submodule.
+        self.forward_model = (
+            torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.index is not None else None
+            )
+            if self.world.distributed
+            else model
+        )
         self.parameters = [p for p in parameters if p.requires_grad]
         self.optimizer = self._optimizer()
         self.steps_per_epoch = math.ceil(len(train_data) / batch_size)
@@ -184,13 +194,15 @@ class Trainer:
         c = self.config
         state = {"epoch": 0, "batch": 0, "update": 0, "best_accuracy": None, "best_epoch": None, "stale": 0}
         result = TrainResult()
-        if self.run_dir is not None and self.run_dir.is_dir():
+        if self.writes and self.run_dir.is_dir():
             remove_stale_temporaries(self.run_dir)  # left by a crash inside a checkpoint write
         if resume:
             state, result.history = self._restore()
         else:
             torch.manual_seed(c.seed)
-        writer = _MetricsWriter(self.run_dir, keep_through=(state["epoch"], state["batch"]) if resume else None)
+        writer = _MetricsWriter(
+            self.run_dir if self.writes else None, (state["epoch"], state["batch"]) if resume else None
+        )
         started = time.perf_counter()
         self.model.train()
         try:
@@ -231,20 +243,22 @@ class Trainer:
             initial=state["batch"],
             desc=f"{self.description} {epoch + 1}/{c.epochs}",
             leave=False,
-            disable=None,
+            disable=None if self.world.is_main else True,
             dynamic_ncols=True,
             file=sys.stderr,
         )
         running = _Running()
-        for index, indices in enumerate(self.train_data.index_batches(self.batch_size, order)):
+        for index, global_indices in enumerate(self.train_data.index_batches(self.batch_size, order)):
             if index < state["batch"]:
                 continue  # resuming: these batches were trained before the checkpoint
+            indices = distributed.shard(global_indices, self.world)
             inputs, labels = self.train_data.inputs[indices], self.train_data.labels[indices]
             if self.augment is not None:
                 inputs = self.augment(inputs, indices, epoch)
             faults.reached("step")
             out = self._step(inputs.to(self.device), labels.to(self.device), indices, state)
             scalars = {k: float(v.detach()) for k, v in out.items() if isinstance(v, Tensor) and v.dim() == 0}
+            scalars = distributed.mean_over_ranks(scalars, self.world)
             logits = out.get("logits")
             if isinstance(logits, Tensor):
                 running.add_accuracy(logits.detach(), labels.to(self.device))
@@ -254,6 +268,7 @@ class Trainer:
             state["batch"] = index + 1
             bar.update(1)
             bar.set_postfix(running.postfix(), refresh=False)
+            self._stop_requested = distributed.any_rank(self._stop_requested, self.world)
             if self._stop_requested:
                 break
         bar.close()
@@ -267,7 +282,7 @@ class Trainer:
         try:
             with autocast:
                 keywords = {"indices": indices, "epoch": state["epoch"]}
-                out = self.model(inputs, labels, **{k: keywords[k] for k in self.batch_keywords})
+                out = self.forward_model(inputs, labels, **{k: keywords[k] for k in self.batch_keywords})
         except NonFiniteLossError as error:  # raised by the Distiller, which names the term
             raise NonFiniteLossError(f"{error} {where}", term=error.term, step=state["update"]) from None
         loss = out["loss"]
@@ -304,7 +319,7 @@ class Trainer:
         accuracy = record[f"{self.select_on}/accuracy"]
         if state["best_accuracy"] is None or accuracy > state["best_accuracy"]:
             state["best_accuracy"], state["best_epoch"], state["stale"] = accuracy, record["epoch"], 0
-            if self.run_dir is not None:
+            if self.writes:
                 save_weights(self.eval_model.state_dict(), self.run_dir / f"{self.weights_name}_best.safetensors")
         else:
             state["stale"] += 1
@@ -320,7 +335,8 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------------
 
     def _save(self, state: dict[str, Any], history: list[dict[str, float]]) -> None:
-        if self.run_dir is None:
+        if not self.writes:
+            distributed.barrier(self.world)  # wait until rank 0 has written it
             return
         payload = {
             "format": CHECKPOINT_FORMAT,
@@ -335,6 +351,7 @@ class Trainer:
         save_checkpoint(payload, self.run_dir / "checkpoint.pt")
         if state["batch"] == 0:  # epoch boundary: the student's weights as of now
             save_weights(self.eval_model.state_dict(), self.run_dir / f"{self.weights_name}.safetensors")
+        distributed.barrier(self.world)
 
     def _restore(self) -> tuple[dict[str, Any], list[dict[str, float]]]:
         if self.run_dir is None:

@@ -1,0 +1,104 @@
+"""Multi-process training on PyTorch's own engine: ``torchrun --nproc_per_node=N -m kdistill train ...``.
+
+Only the student and adapters are wrapped in ``DistributedDataParallel`` (the distiller keeps
+its frozen teacher outside the module tree, so DDP neither syncs nor broadcasts it); layer
+names are resolved on the unwrapped models, so hooks work whatever the wrapper. Each global
+batch is split across ranks (rank ``r`` takes every ``world``-th sample of it), so N processes
+take the same optimisation steps as one process on the same global batch (up to batch-norm
+statistics, which stay per rank unless the model uses ``SyncBatchNorm``). Rank 0 alone writes
+logs, progress bars, checkpoints and reports.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+
+def world() -> World:
+    """This process's place, from an initialised process group (or a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        return World(dist.get_rank(), dist.get_world_size())
+    return World()
+
+
+def setup_from_environment() -> World:
+    """Join the process group that ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1):
+    NCCL on CUDA, gloo on CPU. A plain single process returns at once."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
+        return world()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+    return world()
+
+
+def shard(indices: Tensor, place: World) -> Tensor:
+    """This rank's share of one global batch: every ``size``-th sample from ``rank``. A batch
+    smaller than the world is padded by repetition so that every rank has a sample."""
+    if not place.distributed:
+        return indices
+    if len(indices) < place.size:
+        indices = indices.repeat((place.size + len(indices) - 1) // len(indices))[: place.size]
+    return indices[place.rank :: place.size]
+
+
+def mean_over_ranks(values: dict[str, float], place: World) -> dict[str, float]:
+    """Each value averaged over the ranks (what a one-process run on the global batch logs)."""
+    if not place.distributed or not values:
+        return values
+    tensor = torch.tensor(list(values.values()), dtype=torch.float64)
+    dist.all_reduce(tensor)
+    return dict(zip(values, (tensor / place.size).tolist()))
+
+
+def any_rank(flag: bool, place: World) -> bool:
+    """True on every rank when it is true on any (e.g. a stop request that only one rank saw)."""
+    if not place.distributed:
+        return flag
+    tensor = torch.tensor([int(flag)])
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item())
+
+
+def barrier(place: World) -> None:
+    if place.distributed:
+        dist.barrier()
+
+
+def on_main(place: World, action, *args, **kwargs):
+    """Run ``action`` on rank 0 only; every rank then raises rank 0's user error, if any, so
+    that no rank waits forever for one that failed."""
+    from kdistill.errors import KDistillError
+
+    message = None
+    if place.is_main:
+        try:
+            action(*args, **kwargs)
+        except KDistillError as error:
+            message = str(error)
+    if place.distributed:
+        box = [message]
+        dist.broadcast_object_list(box, src=0)
+        message = box[0]
+    if message is not None:
+        raise KDistillError(message)
