@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdistill.errors import ConfigError, did_you_mean
+
 ResponseLoss = Callable[..., Tensor]  # (student_rows, teacher_rows, temperature[, labels=rows]) -> scalar
 FeatureLoss = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
 
@@ -316,7 +318,5 @@ def resolve(loss: str | Callable, registry: dict[str, Callable], kind: str) -> C
     if callable(loss):
         return loss
     if loss not in registry:
-        from kdistill.errors import ConfigError, did_you_mean
-
         raise ConfigError(f"unknown {kind} loss {loss!r}{did_you_mean(loss, registry)} (known: {', '.join(registry)})")
     return registry[loss]

@@ -407,9 +407,7 @@ def run(config: Config, out: Path, *, resume: bool = False, force: bool = False,
     if not place.is_main:  # rank 0 measures and writes the report
         return {}
     report = measure(models, splits.test, batch_size=config.data.eval_batch_size)
-    histories = {
-        name: out / name / "metrics.jsonl" for name in ("baseline", "distill") if name in models or name == "distill"
-    }
+    histories = {name: out / name / "metrics.jsonl" for name in ("baseline", "distill")}
     write_report(out, report, histories, title=f"kdistill report: {splits.name}")
     return report
 
