@@ -40,10 +40,14 @@ def kl_rows(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
     """
     log_p_student = F.log_softmax(_at_least_float32(student_logits) / temperature, dim=-1)
     log_p_teacher = F.log_softmax(_at_least_float32(teacher_logits) / temperature, dim=-1)
+    return _kl_log_space(log_p_teacher, log_p_student)
+
+
+def _kl_log_space(log_p_teacher: Tensor, log_p_student: Tensor) -> Tensor:
+    """``Σ_c P_t (log P_t − log P_s)`` over the last dimension, from log-probabilities."""
     p_teacher = log_p_teacher.exp()
     # Where the teacher gives a class probability 0 (a -inf logit), its term is 0, not 0·∞.
-    terms = torch.where(p_teacher > 0, p_teacher * (log_p_teacher - log_p_student), 0.0)
-    return terms.sum(dim=-1)
+    return torch.where(p_teacher > 0, p_teacher * (log_p_teacher - log_p_student), 0.0).sum(dim=-1)
 
 
 def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -80,15 +84,11 @@ def decoupled_kl(
         log_rest = log_p.masked_fill(is_target, float("-inf")).logsumexp(-1)
         return torch.stack([log_target, log_rest], -1)
 
-    def kl(log_p_t: Tensor, log_p_s: Tensor) -> Tensor:
-        p_t = log_p_t.exp()
-        return torch.where(p_t > 0, p_t * (log_p_t - log_p_s), 0.0).sum(-1)
-
-    target_part = kl(binary(log_p_teacher), binary(log_p_student))
+    target_part = _kl_log_space(binary(log_p_teacher), binary(log_p_student))
     # Softmax over the non-target classes: the target's logit is removed (−∞), not just down-weighted.
     non_target_teacher = F.log_softmax(teacher.masked_fill(is_target, float("-inf")), -1)
     non_target_student = F.log_softmax(student.masked_fill(is_target, float("-inf")), -1)
-    non_target_part = kl(non_target_teacher, non_target_student)
+    non_target_part = _kl_log_space(non_target_teacher, non_target_student)
     return (target_weight * target_part + non_target_weight * non_target_part).mean()
 
 

@@ -92,11 +92,19 @@ def with_mixup(task: nn.Module, strength: float) -> nn.Module:
     return Mixup(task, strength) if strength > 0 else task
 
 
-def default_cache_dir() -> Path:
+def cache_root(config: Config) -> Path:
+    """``cache_dir``, else ``$KDISTILL_CACHE``, else ``$XDG_CACHE_HOME/kdistill`` (``~/.cache/kdistill``)."""
+    if config.cache_dir:
+        return Path(config.cache_dir)
     root = os.environ.get("KDISTILL_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "kdistill"
     )
     return Path(root)
+
+
+def cached_teacher_path(config: Config) -> Path:
+    """Where a teacher that kdistill trained for this config is kept for later runs."""
+    return cache_root(config) / "teachers" / f"{teacher_cache_key(config)}.safetensors"
 
 
 def prepare_run_dir(out: Path, resume: bool, force: bool) -> None:
@@ -188,7 +196,7 @@ def prepare_teacher(config: Config, teacher: nn.Module, splits: Splits, out: Pat
     if config.teacher.weights:
         load_weights(teacher, config.teacher.weights, "teacher")
         return teacher
-    cached = teacher_weights_path(config, Path("/nonexistent"))
+    cached = cached_teacher_path(config)
     if cached.exists():
         load_weights(teacher, cached, "teacher")
         log(f"teacher: reusing the one trained before ({cached})")
@@ -232,7 +240,7 @@ def prepare_cache(
     expected = fingerprint(teacher, splits.train, augment, layers, d.cache_storage, *topk)
     if setting == "auto":
         key = hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:16]
-        directory = (Path(config.cache_dir) if config.cache_dir else default_cache_dir()) / "teacher-outputs" / key
+        directory = cache_root(config) / "teacher-outputs" / key
     else:
         directory = Path(setting)
     distributed.on_main(
@@ -426,7 +434,4 @@ def teacher_weights_path(config: Config, run_dir: Path) -> Path:
     if config.teacher.weights:
         return Path(config.teacher.weights)
     trained = run_dir / "teacher" / "teacher.safetensors"
-    if trained.exists():
-        return trained
-    cache_dir = Path(config.cache_dir) if config.cache_dir else default_cache_dir()
-    return cache_dir / "teachers" / f"{teacher_cache_key(config)}.safetensors"
+    return trained if trained.exists() else cached_teacher_path(config)
