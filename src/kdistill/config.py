@@ -35,8 +35,10 @@ class PairConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A model: a built-in name (``cnn``, ``resnet8x4``, …) or ``package.module:function``,
-    its keyword ``args``, and optional ``weights`` (safetensors or a state dict)."""
+    """A model: a built-in name (``cnn``, ``resnet8x4``, ``hf`` for a local Hugging Face model, …)
+    or ``package.module:function``, its keyword ``args``, and optional ``weights`` (safetensors or
+    a state dict). A student may be ``shrink`` (args ``every`` or ``layers``): the teacher's
+    architecture with fewer blocks, initialised from the (trained) teacher's weights."""
 
     model: str = "cnn"
     args: dict[str, Any] = field(default_factory=dict)
@@ -58,6 +60,9 @@ class TeacherConfig(ModelConfig):
     def __post_init__(self) -> None:
         _require(self.epochs >= 1, "epochs", "must be ≥ 1", self.epochs)
         _require(self.mixup >= 0, "mixup", "must be ≥ 0", self.mixup)
+        _require(
+            self.model != "shrink", "model", "cannot be shrink (shrink makes a student from the teacher)", "shrink"
+        )
 
 
 @dataclass(frozen=True)
@@ -65,11 +70,18 @@ class StudentConfig(ModelConfig):
     args: dict[str, Any] = field(default_factory=lambda: {"channels": [8, 16, 32]})
 
 
+TEXT_DATASETS = ("rotten-tomatoes", "text")
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    """``dataset``: ``mnist5k``, ``digits``, ``folder`` (``path`` holds one sub-folder per
-    class), ``npz`` (``path`` to a file with ``x_train, y_train[, x_test, y_test]``), or
-    ``package.module:function`` returning ``(train, test)`` datasets."""
+    """``dataset``: ``mnist5k``, ``digits``, ``rotten-tomatoes`` (text), ``folder`` (``path`` holds
+    one sub-folder per class), ``npz`` (``path`` to a file with ``x_train, y_train[, x_test,
+    y_test]``), ``text`` (``path`` to a CSV file with ``text`` and ``label`` columns), or
+    ``package.module:function`` returning ``(train, test)`` datasets. Text is tokenized with
+    ``tokenizer`` (a local Hugging Face tokenizer directory or ``package.module:function`` giving
+    one) to at most ``max_length`` tokens. ``train_samples`` keeps only that many training samples
+    (a fixed subset), to fit a budget."""
 
     dataset: str = "mnist5k"
     path: str | None = None
@@ -78,6 +90,9 @@ class DataConfig:
     augment: Literal["none", "shift"] = "shift"
     augment_views: int | None = None
     image_size: list[int] | None = None
+    tokenizer: str | None = None
+    max_length: int = 128
+    train_samples: int | None = None
     batch_size: int = 128
     eval_batch_size: int = 1000
 
@@ -94,8 +109,22 @@ class DataConfig:
         if self.image_size is not None:
             ok = len(self.image_size) == 2 and all(size >= 1 for size in self.image_size)
             _require(ok, "image_size", "must be [height, width] of positive integers", self.image_size)
-        if self.dataset in ("folder", "npz") and not self.path:
+        if self.dataset in ("folder", "npz", "text") and not self.path:
             raise ConfigError(f"data.path: dataset {self.dataset!r} needs a path")
+        _require(self.max_length >= 2, "max_length", "must be ≥ 2", self.max_length)
+        _require(
+            self.train_samples is None or self.train_samples >= 1, "train_samples", "must be ≥ 1", self.train_samples
+        )
+        if self.is_text:
+            if not self.tokenizer:
+                raise ConfigError(f"data.tokenizer: the text dataset {self.dataset!r} needs a tokenizer directory")
+            _require(
+                self.augment == "none", "augment", "must be none for text (shift moves image pixels)", self.augment
+            )
+
+    @property
+    def is_text(self) -> bool:
+        return self.dataset in TEXT_DATASETS
 
 
 @dataclass(frozen=True)
@@ -176,6 +205,11 @@ class Config:
     baseline: bool = True
     out: str = "runs/run"
     cache_dir: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.data.is_text:
+            for key, value in (("teacher.mixup", self.teacher.mixup), ("train.mixup", self.train.mixup)):
+                _require(value == 0, key, "must be 0 for text (token ids cannot be mixed)", value)
 
 
 def _require(ok: bool, key: str, what: str, value: Any) -> None:

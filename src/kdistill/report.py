@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdistill.data import TensorData
+from kdistill.data import Inputs, TensorData, select, trim_padding
+from kdistill.distiller import call_model, default_logits
 
 ROLES = ("teacher", "baseline", "student")
 
@@ -34,28 +35,27 @@ def size_mb(model: nn.Module) -> float:
 
 @torch.inference_mode()
 def predictions(model: nn.Module, data: TensorData, batch_size: int) -> torch.Tensor:
-    from kdistill.distiller import default_logits
-
     model.eval()
-    return torch.cat([default_logits(model(inputs)).argmax(-1) for inputs, _ in data.batches(batch_size)])
+    return torch.cat([default_logits(call_model(model, inputs)).argmax(-1) for inputs, _ in data.batches(batch_size)])
 
 
 @torch.inference_mode()
 def time_models(
-    models: Mapping[str, nn.Module], sample: torch.Tensor, batch_size: int, rounds: int = 100, batch_rounds: int = 7
+    models: Mapping[str, nn.Module], sample: Inputs, batch_size: int, rounds: int = 100, batch_rounds: int = 7
 ) -> dict[str, dict[str, float]]:
     """Median batch-1 latency (ms, over ``rounds``) and throughput (samples/s at ``batch_size``, median
     of ``batch_rounds``), one thread, the models interleaved round by round so that machine noise
-    hits them alike."""
+    hits them alike. Token batches are trimmed to their longest sentence, as in training."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        single, batch = sample[:1], sample[:batch_size]
+        single, batch = (trim_padding(select(sample, slice(0, size))) for size in (1, batch_size))
+        batch_len = len(batch["input_ids"] if isinstance(batch, Mapping) else batch)
         for model in models.values():
             model.eval()
             for _ in range(5):
-                model(single)
-            model(batch)
+                call_model(model, single)
+            call_model(model, batch)
         latency = _interleaved(models, single, rounds)
         batch_time = _interleaved(models, batch, batch_rounds)
     finally:
@@ -63,13 +63,13 @@ def time_models(
     return {
         name: {
             "latency_ms": 1000 * statistics.median(latency[name]),
-            "throughput": len(batch) / statistics.median(batch_time[name]),
+            "throughput": batch_len / statistics.median(batch_time[name]),
         }
         for name in models
     }
 
 
-def _interleaved(models: Mapping[str, nn.Module], inputs: torch.Tensor, rounds: int) -> dict[str, list[float]]:
+def _interleaved(models: Mapping[str, nn.Module], inputs: Inputs, rounds: int) -> dict[str, list[float]]:
     """Seconds per call, round by round, in a shuffled order each round: whichever model runs right
     after the large teacher inherits its memory state, so no model may always hold that place."""
     seconds: dict[str, list[float]] = {name: [] for name in models}
@@ -80,7 +80,7 @@ def _interleaved(models: Mapping[str, nn.Module], inputs: torch.Tensor, rounds: 
         for name in order:
             model = models[name]
             start = time.perf_counter()
-            model(inputs)
+            call_model(model, inputs)
             seconds[name].append(time.perf_counter() - start)
     return seconds
 

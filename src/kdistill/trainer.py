@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from kdistill import distributed, faults
 from kdistill.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint, save_weights
 from kdistill.config import TrainConfig
-from kdistill.data import TensorData
+from kdistill.data import TensorData, move
 from kdistill.errors import CheckpointError, NonFiniteLossError
 
 CHECKPOINT_FORMAT = 1
@@ -64,14 +64,14 @@ def evaluate(
     model: nn.Module, data: TensorData, batch_size: int, device: torch.device | str = "cpu"
 ) -> dict[str, float]:
     """Top-1 accuracy and mean cross-entropy of ``model`` (logits out) on ``data``."""
-    from kdistill.distiller import default_logits
+    from kdistill.distiller import call_model, default_logits
 
     was_training = model.training
     model.eval()
     correct, loss = 0, 0.0
     for inputs, labels in data.batches(batch_size):
-        inputs, labels = inputs.to(device), labels.to(device)
-        logits = default_logits(model(inputs)).float()
+        inputs, labels = move(inputs, device), labels.to(device)
+        logits = default_logits(call_model(model, inputs)).float()
         correct += int((logits.argmax(-1) == labels).sum())
         loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
     model.train(was_training)
@@ -252,11 +252,11 @@ class Trainer:
             if index < state["batch"]:
                 continue  # resuming: these batches were trained before the checkpoint
             indices = distributed.shard(global_indices, self.world)
-            inputs, labels = self.train_data.inputs[indices], self.train_data.labels[indices]
+            inputs, labels = self.train_data.take(indices)
             if self.augment is not None:
                 inputs = self.augment(inputs, indices, epoch)
             faults.reached("step")
-            out = self._step(inputs.to(self.device), labels.to(self.device), indices, state)
+            out = self._step(move(inputs, self.device), labels.to(self.device), indices, state)
             scalars = {k: float(v.detach()) for k, v in out.items() if isinstance(v, Tensor) and v.dim() == 0}
             scalars = distributed.mean_over_ranks(scalars, self.world)
             logits = out.get("logits")
