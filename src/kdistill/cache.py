@@ -7,6 +7,10 @@ cache holds a fixed number of views per sample (:class:`kdistill.data.ShiftViews
 ``views`` set), and epoch ``e`` reads view ``e mod views`` — exactly the view the student
 is shown, so cached and live distillation compute the same losses.
 
+Token inputs (a dict with ``input_ids``) are run at the dataset's full padded length ``T``, so
+every sample's token-level outputs have one shape; a lookup cuts them to the batch's length (the
+batches are trimmed to their longest sentence, and padding never counts in the losses).
+
 The fingerprint (a hash of the teacher's weights, the dataset's inputs and labels, the
 augmentation, the cached layers and the storage type) is checked on opening: a stale
 cache is refused with the reason, never silently used.
@@ -26,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from kdistill.data import ShiftViews, TensorData
+from kdistill.data import Inputs, ShiftViews, TensorData, move, select
 from kdistill.distiller import call_model, default_logits
 from kdistill.errors import KDistillError
 from kdistill.hooks import FeatureRecorder, first_tensor
@@ -62,7 +66,7 @@ def fingerprint(
     found = {
         "format": FORMAT,
         "teacher": tensor_digest(list(teacher.state_dict().values())),
-        "data": tensor_digest([data.inputs, data.labels]),
+        "data": tensor_digest([*_tensors(data.inputs), data.labels]),
         "augment": augment.identity() if augment is not None else "none",
         "layers": list(layers),
         "storage": storage,
@@ -72,6 +76,15 @@ def fingerprint(
     return found
 
 
+def _tensors(inputs: Inputs) -> list[Tensor]:
+    return [inputs[key] for key in sorted(inputs)] if isinstance(inputs, dict) else [inputs]
+
+
+def token_length(inputs: Inputs) -> int | None:
+    """The number of tokens of token inputs (``None`` for tensors)."""
+    return int(inputs["input_ids"].shape[1]) if isinstance(inputs, dict) and "input_ids" in inputs else None
+
+
 class TeacherCache:
     """Read access to a built cache; see the module docstring."""
 
@@ -79,6 +92,7 @@ class TeacherCache:
         self.directory = directory
         self.meta = meta
         self.samples, self.views = meta["samples"], meta["views"]
+        self.tokens: int | None = meta.get("tokens")  # full padded length of token inputs
         self.layers: list[str] = meta["fingerprint"]["layers"]
         self.topk = meta["fingerprint"].get("topk")
         if self.topk:
@@ -154,11 +168,11 @@ class TeacherCache:
             bar = tqdm(total=views * n, desc="teacher cache", disable=progress is False or None, leave=False)
             for view in range(views):
                 for indices in data.index_batches(batch_size):
-                    inputs = data.inputs[indices]
+                    inputs = select(data.inputs, indices)  # token inputs untrimmed: one shape for all
                     if augment is not None:
                         inputs = augment(inputs, indices, view)
                     recorder.clear()
-                    logits = default_logits(call_model(teacher, inputs.to(device)))
+                    logits = default_logits(call_model(teacher, move(inputs, device)))
                     if storage == "topk":
                         top = TopKLogits.from_logits(logits, min(topk, logits.shape[-1]), temperature)
                         outputs = {
@@ -187,6 +201,7 @@ class TeacherCache:
             "fingerprint": expected,
             "samples": n,
             "views": views,
+            "tokens": token_length(data.inputs),
             "bytes_per_sample": sum(a.nbytes for a in arrays.values()) / (views * n),
         }
         (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
@@ -194,21 +209,30 @@ class TeacherCache:
         partial.rename(directory)  # complete caches only: a crash leaves just the .partial folder
         return cls(directory, meta)
 
-    def lookup(self, indices: Tensor, epoch: int = 0) -> tuple[Tensor | TopKLogits, dict[str, Tensor]]:
-        """Teacher logits (or :class:`TopKLogits`) and features, float32, of ``indices`` as seen in ``epoch``."""
+    def lookup(
+        self, indices: Tensor, epoch: int = 0, tokens: int | None = None
+    ) -> tuple[Tensor | TopKLogits, dict[str, Tensor]]:
+        """Teacher logits (or :class:`TopKLogits`) and features, float32, of ``indices`` as seen in ``epoch``;
+        token-level outputs cut to the first ``tokens`` positions (a trimmed batch's length)."""
         rows = (epoch % self.views) * self.samples + indices.cpu().numpy()
+
+        def read(array: np.ndarray, token_level: bool | None = None) -> Tensor:
+            value = array[rows]
+            if token_level is None:  # (N, T, …) outputs of token inputs; (N, C) logits never are
+                token_level = self.tokens is not None and value.ndim >= 3 and value.shape[1] == self.tokens
+            if tokens is not None and token_level:
+                value = value[:, :tokens]
+            dtype = None if value.dtype == np.int32 else np.float32
+            return torch.from_numpy(np.ascontiguousarray(value, dtype=dtype))
+
         if self.topk:
-            parts = [
-                torch.from_numpy(np.asarray(self.logits[name][rows]))
-                for name in ("topk-values", "topk-indices", "topk-log-rest")
-            ]
+            values = self.logits["topk-values"]
+            token_level = self.tokens is not None and values.ndim >= 3 and values.shape[1] == self.tokens
+            parts = [read(self.logits[name], token_level) for name in ("topk-values", "topk-indices", "topk-log-rest")]
             logits = TopKLogits(parts[0], parts[1].long(), parts[2])
         else:
-            logits = torch.from_numpy(np.asarray(self.logits[rows], dtype=np.float32))
-        features = {
-            layer: torch.from_numpy(np.asarray(array[rows], dtype=np.float32)) for layer, array in self.features.items()
-        }
-        return logits, features
+            logits = read(self.logits)
+        return logits, {layer: read(array) for layer, array in self.features.items()}
 
     @property
     def bytes_per_sample(self) -> float:
@@ -224,9 +248,9 @@ class CachedDistillation(nn.Module):
         self.distiller = distiller
         self.cache = cache
 
-    def forward(self, inputs: Tensor, labels: Tensor | None = None, *, indices: Tensor, epoch: int = 0) -> dict:
-        logits, features = self.cache.lookup(indices, epoch)
-        device = inputs.device
+    def forward(self, inputs: Inputs, labels: Tensor | None = None, *, indices: Tensor, epoch: int = 0) -> dict:
+        logits, features = self.cache.lookup(indices, epoch, token_length(inputs))
+        device = _tensors(inputs)[0].device
         logits = (
             TopKLogits(*(part.to(device) for part in logits)) if isinstance(logits, TopKLogits) else logits.to(device)
         )

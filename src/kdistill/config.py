@@ -283,6 +283,8 @@ def from_dict(raw: Any, cls: type = Config, prefix: str = "") -> Any:
     for key, value in raw.items():
         if not isinstance(key, str) or key not in fields:
             raise ConfigError(f"unknown key {prefix}{key}{did_you_mean(str(key), fields)}")
+        if value is False and key == "teacher_cache":  # YAML reads a bare `off` as false
+            value = "off"
         values[key] = _convert(value, hints[key], f"{prefix}{key}")
     missing = [f.name for f in dataclasses.fields(cls) if f.name not in values and _is_required(f)]
     if missing:

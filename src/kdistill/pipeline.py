@@ -257,9 +257,7 @@ def prepare_cache(
     if setting == "off":
         return None
     why_not = None
-    if splits.train.is_text:
-        why_not = "token batches are trimmed to their longest sentence, so the teacher runs live"
-    elif config.train.mixup > 0:
+    if config.train.mixup > 0:
         why_not = "train.mixup shows the teacher new mixed views every step"
     elif config.data.augment != "none" and config.data.augment_views is None:
         why_not = "data.augment gives a fresh view every epoch; set data.augment_views to cache a fixed number"
