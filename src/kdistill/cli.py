@@ -177,8 +177,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import yaml
 
     from kdistill.data import BUILTIN_DATASETS
-    from kdistill.distiller import FeaturePair
-    from kdistill.layers import format_layers, propose_pairs, trace_layers
+    from kdistill.layers import format_layers, trace_layers
     from kdistill.models import BUILTIN_MODELS, build_model
 
     if args.list:
@@ -200,9 +199,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         splits = load_data(config.data)
         shape = splits.input_shape
         models = dict(zip(("teacher", "student"), build_pair(config, splits)))
-        specs = {"teacher": config.teacher, "student": config.student}
+        specs = {
+            role: (spec.model, spec.args) for role, spec in (("teacher", config.teacher), ("student", config.student))
+        }
         sample = sample_inputs(splits)
-        specs = {role: (spec.model, spec.args) for role, spec in specs.items()}
     else:
         if not args.model:
             raise KDistillError("inspect: name a model (e.g. `kdistill inspect cnn --input-shape 1,28,28`) or --config")
@@ -237,13 +237,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(format_layers(trace_layers(model, sample), args.depth))
         print()
     if "student" in models:
-        if specs["student"][0] == "shrink":
-            from kdistill.pipeline import shrink
+        from kdistill.pipeline import proposed_pairs
 
-            pairs = [FeaturePair(**pair) for pair in shrink(models["teacher"], **specs["student"][1]).feature_pairs]
+        pairs = proposed_pairs(models["teacher"], models["student"], *specs["student"], sample)
+        if specs["student"][0] == "shrink":
             print("proposed feature pairs (each kept block ↔ the teacher block it was copied from):")
         else:
-            pairs = propose_pairs(models["teacher"], models["student"], sample)
             print("proposed feature pairs (student ↔ teacher, nearest relative depth an adapter can map):")
         if not pairs:
             print("  none: no feature maps that an adapter can map; use response distillation only")

@@ -88,7 +88,7 @@ class DataConfig:
     test_fraction: float = 0.2
     validation_fraction: float = 0.1
     augment: Literal["none", "shift"] = "shift"
-    augment_views: int | None = None
+    augment_views: int | None = 10
     image_size: list[int] | None = None
     tokenizer: str | None = None
     max_length: int = 128
@@ -158,7 +158,7 @@ class DistillConfig:
 class TrainConfig:
     """The optimisation budget, shared by the teacher, the baseline and the distilled student."""
 
-    epochs: int = 20
+    epochs: int = 60
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = 3e-3
     weight_decay: float = 5e-4

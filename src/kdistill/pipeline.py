@@ -206,13 +206,20 @@ def resolve_pairs(config: Config, teacher: nn.Module, student: nn.Module, sample
     """Replace ``feature_pairs: auto`` by the pairs that :func:`propose_pairs` chooses."""
     if config.distill.feature_pairs != "auto":
         return config
-    if config.student.model == "shrink":  # each kept block ↔ the teacher block it was copied from
-        pairs = [FeaturePair(**pair) for pair in shrink(teacher, **config.student.args).feature_pairs]
-    else:
-        pairs = propose_pairs(teacher, student, sample)
+    pairs = proposed_pairs(teacher, student, config.student.model, config.student.args, sample)
     log("feature_pairs: auto → " + (", ".join(p.name for p in pairs) or "none found (response only)"))
     resolved = [PairConfig(p.student, p.teacher) for p in pairs]
     return dataclasses.replace(config, distill=dataclasses.replace(config.distill, feature_pairs=resolved))
+
+
+def proposed_pairs(
+    teacher: nn.Module, student: nn.Module, student_model: str, student_args: dict[str, Any], sample: Inputs
+) -> list[FeaturePair]:
+    """``feature_pairs: auto``: for a ``shrink`` student each kept block ↔ the teacher block it was
+    copied from, else :func:`kdistill.layers.propose_pairs`."""
+    if student_model == "shrink":
+        return [FeaturePair(**pair) for pair in shrink(teacher, **student_args).feature_pairs]
+    return propose_pairs(teacher, student, sample)
 
 
 def teacher_cache_key(config: Config) -> str:
