@@ -34,8 +34,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_ERROR
         return int(args.handler(args) or 0)
     except KDistillError as error:
-        if _is_main():  # under torchrun every rank fails alike: say it once
+        if _rank() == 0:
             print(f"kdistill: error: {error}", file=sys.stderr)
+        elif not getattr(error, "from_main", False):  # rank 0's errors are said once, by rank 0
+            print(f"kdistill: error (rank {_rank()}): {error}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         hint = ""
@@ -56,10 +58,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
 
 
-def _is_main() -> bool:
+def _rank() -> int:
     from kdistill.distributed import world
 
-    return world().is_main
+    return world().rank
 
 
 def _resume_argv(argv: list[str]) -> list[str]:

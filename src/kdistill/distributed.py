@@ -80,6 +80,16 @@ def any_rank(flag: bool, place: World) -> bool:
     return bool(tensor.item())
 
 
+def from_main(module: torch.nn.Module, place: World) -> None:
+    """Give every rank rank 0's parameters and buffers. Batch-norm running statistics are kept
+    per rank during training; the teacher rank 0 saved (and caches outputs of) must be everyone's."""
+    if not place.distributed:
+        return
+    with torch.no_grad():
+        for tensor in module.state_dict().values():
+            dist.broadcast(tensor, src=0)
+
+
 def barrier(place: World) -> None:
     if place.distributed:
         dist.barrier()
@@ -101,4 +111,6 @@ def on_main(place: World, action, *args, **kwargs):
         dist.broadcast_object_list(box, src=0)
         message = box[0]
     if message is not None:
-        raise KDistillError(message)
+        error = KDistillError(message)
+        error.from_main = True  # every rank raises it: the command line says it once
+        raise error

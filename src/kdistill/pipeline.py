@@ -408,6 +408,7 @@ def run(config: Config, out: Path, *, resume: bool = False, force: bool = False,
     if not resume and place.is_main:
         atomic_write(out / "config.yaml", lambda path: Path(path).write_text(dump_config(config)))
     teacher = prepare_teacher(config, teacher, splits, out, resume, log)
+    distributed.from_main(teacher, place)  # one teacher for all ranks: the one rank 0 saved
     shrunk_student_weights(config, teacher, student)
     log(f"teacher: {100 * evaluate(teacher, splits.test, config.data.eval_batch_size)['accuracy']:.2f} % test accuracy")
 
