@@ -191,10 +191,17 @@ def tables(result: dict, config) -> str:
         f"| {e['timings']['student']['throughput']:.0f} ({ratio:.2f}×) |",
         "",
         f"Wall time: {result['seconds']['total'] / 60:.1f} min ({result['seconds']['classification'] / 60:.1f} "
-        f"classification, {e['seconds'] / 60:.1f} embeddings); {result['machine']}.",
+        f"classification, {e['seconds'] / 60:.1f} embeddings); {describe(result['machine'])}.",
         "",
     ]
     return "\n".join(lines)
+
+
+def describe(machine: dict) -> str:
+    return (
+        f"{machine['cpus']} CPUs, torch {machine['torch']}, {machine['threads']} threads for training "
+        f"(1 for the speed columns), load average at the end {machine['load_average'][0]}"
+    )
 
 
 def cosine(values: dict[str, float]) -> str:

@@ -185,10 +185,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     if args.list:
         print("built-in models:")
         for name, builder in BUILTIN_MODELS.items():
-            print(f"  {name:<11} {(builder.__doc__ or '').strip().splitlines()[0]}")
+            print(f"  {name:<15} {(builder.__doc__ or '').strip().splitlines()[0]}")
         print("built-in datasets:")
         for name, text in BUILTIN_DATASETS.items():
-            print(f"  {name:<11} {text}")
+            print(f"  {name:<15} {text}")
         return 0
     if args.seq_len < 1:
         raise KDistillError(f"inspect: --seq-len must be ≥ 1, got {args.seq_len}")

@@ -139,8 +139,10 @@ def _resnet_x4(depth: int) -> Callable[..., ResNet]:
 def hf_model(
     path: str, task: str = "sequence-classification", num_classes: int | None = None, **kwargs: Any
 ) -> nn.Module:
-    """hf: a local Hugging Face model (``path``: a directory or ``package.module:function``; ``task``:
-    sequence-classification, token-classification, causal-lm or base). Needs kdistill[transformers]."""
+    """hf: a local Hugging Face model; args ``path`` (directory or package.module:function), ``task``.
+
+    ``task``: sequence-classification (default), token-classification, causal-lm or base.
+    Needs ``kdistill[transformers]``; nothing is downloaded."""
     from kdistill.hf import load_model
 
     if task in ("sequence-classification", "token-classification") and num_classes is not None:
@@ -220,6 +222,8 @@ def build_model(
         raise ConfigError(f"model {name!r} has no argument {unknown[0]!r}{did_you_mean(unknown[0], accepted)}")
     try:
         return builder(**args)
+    except ConfigError:
+        raise
     except (TypeError, ValueError) as error:
         raise ConfigError(f"model {name!r} with args {args}: {error}") from None
 
