@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from kdistill.data import Inputs, ShiftViews, TensorData, move, select
+from kdistill.data import Inputs, ShiftViews, TensorData, move, primary, select
 from kdistill.distiller import call_model, default_logits
 from kdistill.errors import KDistillError
 from kdistill.hooks import FeatureRecorder, first_tensor
@@ -82,7 +82,7 @@ def _tensors(inputs: Inputs) -> list[Tensor]:
 
 def token_length(inputs: Inputs) -> int | None:
     """The number of tokens of token inputs (``None`` for tensors)."""
-    return int(inputs["input_ids"].shape[1]) if isinstance(inputs, dict) and "input_ids" in inputs else None
+    return int(primary(inputs).shape[1]) if isinstance(inputs, dict) and "input_ids" in inputs else None
 
 
 class TeacherCache:
@@ -216,23 +216,24 @@ class TeacherCache:
         token-level outputs cut to the first ``tokens`` positions (a trimmed batch's length)."""
         rows = (epoch % self.views) * self.samples + indices.cpu().numpy()
 
-        def read(array: np.ndarray, token_level: bool | None = None) -> Tensor:
+        def read(array: np.ndarray, token_level: bool) -> Tensor:
             value = array[rows]
-            if token_level is None:  # (N, T, …) outputs of token inputs; (N, C) logits never are
-                token_level = self.tokens is not None and value.ndim >= 3 and value.shape[1] == self.tokens
             if tokens is not None and token_level:
                 value = value[:, :tokens]
             dtype = None if value.dtype == np.int32 else np.float32
             return torch.from_numpy(np.ascontiguousarray(value, dtype=dtype))
 
         if self.topk:
-            values = self.logits["topk-values"]
-            token_level = self.tokens is not None and values.ndim >= 3 and values.shape[1] == self.tokens
+            token_level = self._token_level(self.logits["topk-values"])  # the other two parts follow it
             parts = [read(self.logits[name], token_level) for name in ("topk-values", "topk-indices", "topk-log-rest")]
             logits = TopKLogits(parts[0], parts[1].long(), parts[2])
         else:
-            logits = read(self.logits)
-        return logits, {layer: read(array) for layer, array in self.features.items()}
+            logits = read(self.logits, self._token_level(self.logits))
+        return logits, {layer: read(array, self._token_level(array)) for layer, array in self.features.items()}
+
+    def _token_level(self, array: np.ndarray) -> bool:
+        """(N, T, …) outputs of token inputs; (N, C) logits and pooled features never are."""
+        return self.tokens is not None and array.ndim >= 3 and array.shape[1] == self.tokens
 
     @property
     def bytes_per_sample(self) -> float:
@@ -250,7 +251,7 @@ class CachedDistillation(nn.Module):
 
     def forward(self, inputs: Inputs, labels: Tensor | None = None, *, indices: Tensor, epoch: int = 0) -> dict:
         logits, features = self.cache.lookup(indices, epoch, token_length(inputs))
-        device = _tensors(inputs)[0].device
+        device = primary(inputs).device
         logits = (
             TopKLogits(*(part.to(device) for part in logits)) if isinstance(logits, TopKLogits) else logits.to(device)
         )

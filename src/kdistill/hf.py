@@ -94,10 +94,12 @@ class Shrunk:
 
     @property
     def feature_pairs(self) -> list[dict[str, str]]:
-        return [
-            {"student": f"{self.layers_path}.{i}", "teacher": f"{self.layers_path}.{k}"}
-            for i, k in enumerate(self.kept)
-        ]
+        return copied_block_pairs(self.layers_path, self.kept)
+
+
+def copied_block_pairs(layers_path: str, kept: Sequence[int]) -> list[dict[str, str]]:
+    """Student block i ↔ the teacher block ``kept[i]`` it was copied from."""
+    return [{"student": f"{layers_path}.{i}", "teacher": f"{layers_path}.{k}"} for i, k in enumerate(kept)]
 
 
 def kept_layers(count: int, every: int | None = None, layers: Sequence[int] | None = None) -> tuple[int, ...]:
@@ -117,6 +119,17 @@ def kept_layers(count: int, every: int | None = None, layers: Sequence[int] | No
     return kept
 
 
+def shrink_plan(
+    teacher: nn.Module, *, every: int | None = None, layers: Sequence[int] | None = None, path: str | None = None
+) -> tuple[str, tuple[int, ...]]:
+    """What :func:`shrink` would keep, without copying anything: the block list's path and the indices."""
+    path = path or find_layers(teacher)
+    blocks = teacher.get_submodule(path)
+    if not isinstance(blocks, nn.ModuleList):
+        raise ConfigError(f"shrink: {path} is a {type(blocks).__name__}, not an nn.ModuleList of blocks")
+    return path, kept_layers(len(blocks), every, layers)
+
+
 def shrink(
     teacher: nn.Module, *, every: int | None = None, layers: Sequence[int] | None = None, path: str | None = None
 ) -> Shrunk:
@@ -128,11 +141,8 @@ def shrink(
     The teacher is not changed. ``config.num_hidden_layers`` of a Hugging Face model is updated,
     so ``save_pretrained``/``from_pretrained`` round-trip the student.
     """
-    path = path or find_layers(teacher)
+    path, kept = shrink_plan(teacher, every=every, layers=layers, path=path)
     blocks = teacher.get_submodule(path)
-    if not isinstance(blocks, nn.ModuleList):
-        raise ConfigError(f"shrink: {path} is a {type(blocks).__name__}, not an nn.ModuleList of blocks")
-    kept = kept_layers(len(blocks), every, layers)
     parent_path, _, name = path.rpartition(".")
     # Copy everything but the blocks left out: temporarily swap in the kept ones, then deep-copy.
     parent = teacher.get_submodule(parent_path)

@@ -19,7 +19,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +30,7 @@ from kdistill import distributed
 from kdistill.cache import CachedDistillation, TeacherCache, fingerprint
 from kdistill.checkpoint import atomic_write, save_weights
 from kdistill.config import Config, PairConfig, dump_config, from_dict, read_yaml, to_dict
-from kdistill.data import Inputs, ShiftViews, Splits, load_data
+from kdistill.data import Inputs, ShiftViews, Splits, load_data, primary
 from kdistill.distiller import Distiller, FeaturePair, call_model, default_logits
 from kdistill.errors import ConfigError
 from kdistill.layers import propose_pairs
@@ -168,14 +168,15 @@ def sample_inputs(splits: Splits) -> Inputs:
     return splits.train.take(torch.arange(2))[0]
 
 
-def shrink(teacher: nn.Module, **args: Any) -> Any:
-    """:func:`kdistill.hf.shrink` with the config's ``args`` (``every`` or ``layers``, ``path``)."""
+def shrink(teacher: nn.Module, *, plan_only: bool = False, **args: Any) -> Any:
+    """:func:`kdistill.hf.shrink` with the config's ``args`` (``every`` or ``layers``, ``path``);
+    ``plan_only``: just :func:`kdistill.hf.shrink_plan`, copying nothing."""
     from kdistill import hf
 
     unknown = sorted(set(args) - {"every", "layers", "path"})
     if unknown:
         raise ConfigError(f"student.args: shrink takes every, layers or path, not {unknown[0]!r}")
-    return hf.shrink(teacher, **args)
+    return hf.shrink_plan(teacher, **args) if plan_only else hf.shrink(teacher, **args)
 
 
 def shrunk_student_weights(config: Config, teacher: nn.Module, student: nn.Module) -> None:
@@ -192,8 +193,9 @@ def check_classes(model: nn.Module, sample: Inputs, num_classes: int, role: str)
             logits = default_logits(call_model(model, sample))
     except (RuntimeError, IndexError) as error:
         first = str(error).strip().splitlines()[0]
-        shape = tuple((sample["input_ids"] if isinstance(sample, Mapping) else sample).shape[1:])
-        raise ConfigError(f"the {role} cannot run on inputs of shape {shape}: {first}") from None
+        raise ConfigError(
+            f"the {role} cannot run on inputs of shape {tuple(primary(sample).shape[1:])}: {first}"
+        ) from None
     finally:
         model.train(was_training)
     if logits.shape[-1] < num_classes:
@@ -218,7 +220,9 @@ def proposed_pairs(
     """``feature_pairs: auto``: for a ``shrink`` student each kept block ↔ the teacher block it was
     copied from, else :func:`kdistill.layers.propose_pairs`."""
     if student_model == "shrink":
-        return [FeaturePair(**pair) for pair in shrink(teacher, **student_args).feature_pairs]
+        from kdistill.hf import copied_block_pairs
+
+        return [FeaturePair(**pair) for pair in copied_block_pairs(*shrink(teacher, plan_only=True, **student_args))]
     return propose_pairs(teacher, student, sample)
 
 

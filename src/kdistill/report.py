@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdistill.data import Inputs, TensorData, select, trim_padding
+from kdistill.data import Inputs, TensorData, primary, select, trim_padding
 from kdistill.distiller import call_model, default_logits
 
 ROLES = ("teacher", "baseline", "student")
@@ -50,7 +50,7 @@ def time_models(
     torch.set_num_threads(1)
     try:
         single, batch = (trim_padding(select(sample, slice(0, size))) for size in (1, batch_size))
-        batch_len = len(batch["input_ids"] if isinstance(batch, Mapping) else batch)
+        batch_len = len(primary(batch))
         for model in models.values():
             model.eval()
             for _ in range(5):
