@@ -66,9 +66,10 @@ def test_yaml_tags_are_refused(tmp_path):
 def test_teacher_cache_key_ignores_what_the_teacher_does_not_use():
     from kdistill.pipeline import teacher_cache_key
 
-    base = load_config(None)
+    pinned = "teacher.epochs=20"  # unpinned, teacher.epochs follows train.epochs
+    base = load_config(None, [pinned])
     same = ["train.seed=7", "train.epochs=3", "train.mixup=0.5", "distill.temperature=2", "student.args={}"]
     for override in same:
-        assert teacher_cache_key(load_config(None, [override])) == teacher_cache_key(base), override
+        assert teacher_cache_key(load_config(None, [pinned, override])) == teacher_cache_key(base), override
     for override in ["teacher.epochs=3", "teacher.seed=1", "teacher.mixup=0", "data.dataset=digits", "train.lr=0.1"]:
-        assert teacher_cache_key(load_config(None, [override])) != teacher_cache_key(base), override
+        assert teacher_cache_key(load_config(None, [pinned, override])) != teacher_cache_key(base), override

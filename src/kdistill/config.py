@@ -3,21 +3,46 @@
 Unknown keys, wrong types and out-of-range values raise :class:`ConfigError`
 naming the dotted key (and the closest valid one). ``--set a.b=value``
 overrides are applied to the raw mapping before validation, so they obey the
-same rules. YAML is read with ``yaml.safe_load``: no tags, no code.
+same rules. YAML is read with a stricter ``yaml.SafeLoader`` (no tags, no code)
+that refuses duplicate keys and absurd nesting and reads ``1e-3`` as a number.
+
+Every number has a range (the ``MAX_*`` constants below): a typo such as
+``augment_views: 1e8`` fails here, naming the key, instead of deep inside a run.
+An integer key accepts a number written in any spelling whose value is a whole
+number (``1e3`` is 1000); ``2.5`` is refused.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
 from kdistill.errors import ConfigError, did_you_mean
+
+# Upper bounds of the numeric keys. They are far above any sensible value and only catch typos
+# and unit mistakes early, with the key named, instead of hours into a run.
+MAX_EPOCHS = 10_000  # epochs of either model, step_epochs, early_stopping
+MAX_COUNT = 2**20  # batch sizes, accumulate, max_length (tokens), cache_topk (classes kept)
+MAX_VIEWS = 1_000  # augment_views: the teacher cache holds one output per view per sample
+MAX_IMAGE_SIDE = 4_096  # image_size, each side (the memory estimate of a run is made elsewhere)
+MAX_WEIGHT = 1e6  # loss weights (alpha, beta, pair weights) and grad_clip; FitNets-style weights reach ~1e4
+MAX_TEMPERATURE = 100.0  # softmax(z/τ) is already uniform to float32 precision far below this
+MAX_LR = 100.0
+MAX_WEIGHT_DECAY = 10.0
+MAX_MIXUP = 100.0  # Beta(α, α) is a point mass at 0.5 long before this
+SEED_LIMIT = 2**32  # exclusive; the trainer seeds generators with seed·1,000,003 + epoch < 2^64
+SAMPLE_LIMIT = 2**63  # exclusive; sample counts must fit numpy's int64
+MAX_YAML_DEPTH = 100  # deeper YAML is refused before Python's recursion limit is reached
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]+)?")
 
 
 @dataclass(frozen=True)
@@ -30,7 +55,7 @@ class PairConfig:
     loss: str = "mse"
 
     def __post_init__(self) -> None:
-        _require(self.weight >= 0, "weight", "must be ≥ 0", self.weight)
+        _require_range("weight", self.weight, 0, MAX_WEIGHT)
 
 
 @dataclass(frozen=True)
@@ -41,25 +66,38 @@ class ModelConfig:
     architecture with fewer blocks, initialised from the (trained) teacher's weights."""
 
     model: str = "cnn"
-    args: dict[str, Any] = field(default_factory=dict)
+    args: dict[str, Any] | None = None
     weights: str | None = None
+
+    # Default ``args`` of built-in families, by model name: they apply only to that family, so a
+    # factory or another built-in without ``args`` gets ``{}`` (not a cnn's channels).
+    default_args: ClassVar[dict[str, dict[str, Any]]] = {}
+
+    def __post_init__(self) -> None:
+        if self.args is None:  # not given (or null): the family's defaults; copied, never shared
+            object.__setattr__(self, "args", copy.deepcopy(self.default_args.get(self.model, {})))
 
 
 @dataclass(frozen=True)
 class TeacherConfig(ModelConfig):
     """The teacher. Without ``weights`` it is first trained on the run's data for
-    ``epochs`` epochs (with the ``train`` settings but its own ``seed``, and mixup of
-    strength ``mixup``, 0 for none) and cached for later runs: runs that differ only in
-    ``train.seed`` share one teacher."""
+    ``epochs`` epochs (default: ``train.epochs``, the student's budget; with the ``train``
+    settings but its own ``seed``, and mixup of strength ``mixup``, 0 for none) and cached
+    for later runs: runs that differ only in ``train.seed`` share one teacher. ``args``
+    defaults to ``{channels: [32, 64, 128]}`` for ``cnn`` and to ``{}`` for any other model."""
 
-    args: dict[str, Any] = field(default_factory=lambda: {"channels": [32, 64, 128]})
-    epochs: int = 20
+    default_args: ClassVar[dict[str, dict[str, Any]]] = {"cnn": {"channels": [32, 64, 128]}}
+    epochs: int | None = None
     mixup: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        _require(self.epochs >= 1, "epochs", "must be ≥ 1", self.epochs)
-        _require(self.mixup >= 0, "mixup", "must be ≥ 0", self.mixup)
+        super().__post_init__()
+        # epochs None is "train.epochs": Config resolves it, so a teacher is never given a
+        # smaller budget than its student by default.
+        _require_range("epochs", self.epochs, 1, MAX_EPOCHS)
+        _require_range("mixup", self.mixup, 0, MAX_MIXUP)
+        _require_range("seed", self.seed, 0, SEED_LIMIT, high_open=True)
         _require(
             self.model != "shrink", "model", "cannot be shrink (shrink makes a student from the teacher)", "shrink"
         )
@@ -67,7 +105,9 @@ class TeacherConfig(ModelConfig):
 
 @dataclass(frozen=True)
 class StudentConfig(ModelConfig):
-    args: dict[str, Any] = field(default_factory=lambda: {"channels": [8, 16, 32]})
+    """The student. ``args`` defaults to ``{channels: [8, 16, 32]}`` for ``cnn``, else ``{}``."""
+
+    default_args: ClassVar[dict[str, dict[str, Any]]] = {"cnn": {"channels": [8, 16, 32]}}
 
 
 TEXT_DATASETS = ("rotten-tomatoes", "text")
@@ -101,20 +141,22 @@ class DataConfig:
         _require(
             0 <= self.validation_fraction < 1, "validation_fraction", "must be in [0, 1)", self.validation_fraction
         )
-        _require(self.batch_size >= 1, "batch_size", "must be ≥ 1", self.batch_size)
-        _require(
-            self.augment_views is None or self.augment_views >= 1, "augment_views", "must be ≥ 1", self.augment_views
+        _require_range("batch_size", self.batch_size, 1, MAX_COUNT)
+        _require_range(
+            "augment_views",
+            self.augment_views,
+            1,
+            MAX_VIEWS,
+            why=" (the teacher cache stores every view of every sample; null gives a fresh view each epoch)",
         )
-        _require(self.eval_batch_size >= 1, "eval_batch_size", "must be ≥ 1", self.eval_batch_size)
+        _require_range("eval_batch_size", self.eval_batch_size, 1, MAX_COUNT)
         if self.image_size is not None:
-            ok = len(self.image_size) == 2 and all(size >= 1 for size in self.image_size)
-            _require(ok, "image_size", "must be [height, width] of positive integers", self.image_size)
+            ok = len(self.image_size) == 2 and all(1 <= size <= MAX_IMAGE_SIDE for size in self.image_size)
+            _require(ok, "image_size", f"must be [height, width], each from 1 to {MAX_IMAGE_SIDE:,}", self.image_size)
         if self.dataset in ("folder", "npz", "text") and not self.path:
             raise ConfigError(f"data.path: dataset {self.dataset!r} needs a path")
-        _require(self.max_length >= 2, "max_length", "must be ≥ 2", self.max_length)
-        _require(
-            self.train_samples is None or self.train_samples >= 1, "train_samples", "must be ≥ 1", self.train_samples
-        )
+        _require_range("max_length", self.max_length, 2, MAX_COUNT)
+        _require_range("train_samples", self.train_samples, 1, SAMPLE_LIMIT, high_open=True)
         if self.is_text:
             if not self.tokenizer:
                 raise ConfigError(f"data.tokenizer: the text dataset {self.dataset!r} needs a tokenizer directory")
@@ -148,15 +190,20 @@ class DistillConfig:
     cache_topk: int = 20
 
     def __post_init__(self) -> None:
-        _require(self.alpha >= 0, "alpha", "must be ≥ 0", self.alpha)
-        _require(self.beta >= 0, "beta", "must be ≥ 0", self.beta)
-        _require(self.temperature > 0, "temperature", "must be > 0", self.temperature)
-        _require(self.cache_topk >= 1, "cache_topk", "must be ≥ 1", self.cache_topk)
+        _require_range("alpha", self.alpha, 0, MAX_WEIGHT)
+        _require_range("beta", self.beta, 0, MAX_WEIGHT)
+        _require_range("temperature", self.temperature, 0, MAX_TEMPERATURE, low_open=True)
+        _require_range("cache_topk", self.cache_topk, 1, MAX_COUNT)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The optimisation budget, shared by the teacher, the baseline and the distilled student."""
+    """The optimisation budget, shared by the teacher, the baseline and the distilled student.
+
+    ``step_gamma`` is in (0, 1]: the step schedule multiplies the learning rate by it every
+    ``step_epochs`` epochs, so 1 is a constant rate and more than 1 would grow it without end.
+    ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (whether it exists is checked
+    when the run starts)."""
 
     epochs: int = 60
     optimizer: Literal["adamw", "sgd"] = "adamw"
@@ -176,26 +223,33 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        _require(self.epochs >= 1, "epochs", "must be ≥ 1", self.epochs)
-        _require(self.lr > 0, "lr", "must be > 0", self.lr)
-        _require(self.weight_decay >= 0, "weight_decay", "must be ≥ 0", self.weight_decay)
+        _require_range("epochs", self.epochs, 1, MAX_EPOCHS)
+        _require_range("lr", self.lr, 0, MAX_LR, low_open=True)
+        _require_range("weight_decay", self.weight_decay, 0, MAX_WEIGHT_DECAY)
         _require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)", self.momentum)
+        # warmup_epochs ≤ epochs is checked by Config, which knows the teacher's epochs too.
         _require(self.warmup_epochs >= 0, "warmup_epochs", "must be ≥ 0", self.warmup_epochs)
-        _require(self.step_epochs >= 1, "step_epochs", "must be ≥ 1", self.step_epochs)
-        _require(self.accumulate >= 1, "accumulate", "must be ≥ 1", self.accumulate)
-        _require(self.mixup >= 0, "mixup", "must be ≥ 0", self.mixup)
-        _require(self.grad_clip is None or self.grad_clip > 0, "grad_clip", "must be > 0", self.grad_clip)
+        _require_range("step_epochs", self.step_epochs, 1, MAX_EPOCHS)
+        _require_range("step_gamma", self.step_gamma, 0, 1, low_open=True)
+        _require_range("accumulate", self.accumulate, 1, MAX_COUNT)
+        _require_range("mixup", self.mixup, 0, MAX_MIXUP)
+        _require_range("grad_clip", self.grad_clip, 0, MAX_WEIGHT, low_open=True)
+        _require_range("early_stopping", self.early_stopping, 1, MAX_EPOCHS)
+        _require_range("seed", self.seed, 0, SEED_LIMIT, high_open=True)
         _require(
-            self.early_stopping is None or self.early_stopping >= 1,
-            "early_stopping",
-            "must be ≥ 1",
-            self.early_stopping,
+            DEVICE_PATTERN.fullmatch(self.device) is not None,
+            "device",
+            "must be auto, cpu, cuda, cuda:N or mps",
+            self.device,
         )
 
 
 @dataclass(frozen=True)
 class Config:
-    """A whole run. ``baseline: true`` also trains the student alone with the same budget."""
+    """A whole run. ``baseline: true`` also trains the student alone with the same budget.
+
+    ``teacher.epochs`` left null is resolved here to ``train.epochs``, so the rest of the code
+    (and the resolved config.yaml) always sees an integer."""
 
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
@@ -207,6 +261,15 @@ class Config:
     cache_dir: str | None = None
 
     def __post_init__(self) -> None:
+        if self.teacher.epochs is None:
+            object.__setattr__(self, "teacher", dataclasses.replace(self.teacher, epochs=self.train.epochs))
+        warmup = self.train.warmup_epochs
+        _require(
+            warmup <= self.train.epochs, "train.warmup_epochs", f"must be ≤ train.epochs ({self.train.epochs})", warmup
+        )
+        if self.teacher.weights is None:  # the teacher is trained with the train settings, warm-up included
+            epochs = self.teacher.epochs
+            _require(warmup <= epochs, "train.warmup_epochs", f"must be ≤ teacher.epochs ({epochs})", warmup)
         if self.data.is_text:
             for key, value in (("teacher.mixup", self.teacher.mixup), ("train.mixup", self.train.mixup)):
                 _require(value == 0, key, "must be 0 for text (token ids cannot be mixed)", value)
@@ -217,7 +280,103 @@ def _require(ok: bool, key: str, what: str, value: Any) -> None:
         raise ConfigError(f"{key} {what}, got {value!r}")
 
 
+def _require_range(
+    key: str,
+    value: float | None,
+    low: float,
+    high: float,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    why: str = "",
+) -> None:
+    """Raise unless ``low ≤ value ≤ high`` (``<`` on an open side); None (not set) passes."""
+    if value is None:
+        return
+    above = value > low if low_open else value >= low
+    below = value < high if high_open else value <= high
+    what = f"must be {'>' if low_open else '≥'} {_bound(low)} and {'<' if high_open else '≤'} {_bound(high)}{why}"
+    _require(above and below, key, what, value)
+
+
+def _bound(number: float) -> str:
+    """A bound as people write it: ``2^32``, ``1,048,576``, ``0.5``."""
+    if float(number).is_integer():
+        whole = int(number)
+        if whole >= 2**32 and whole & (whole - 1) == 0:
+            return f"2^{whole.bit_length() - 1}"
+        return f"{whole:,}"
+    return str(number)
+
+
 # -- loading -------------------------------------------------------------------------------
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (no tags, no code) that also refuses what YAML itself lets through.
+
+    * A key given twice in one mapping: YAML keeps the last silently, so a second ``train:``
+      section would drop the first one's settings.
+    * Nesting deeper than ``MAX_YAML_DEPTH``: PyYAML composes recursively, and thousands of
+      levels end in a RecursionError instead of a message.
+    * ``1e-3``, ``3e4``, ``+1E-3``: YAML 1.1 reads numbers with an exponent but no dot or no
+      exponent sign as strings; every common spelling is read as a float here (as YAML 1.2 does).
+    """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                mark = self.peek_event().start_mark
+                raise ConfigError(f"nested more than {MAX_YAML_DEPTH} levels deep at line {mark.line + 1}")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` then overriding keys is fine
+                    continue
+                key = self.construct_object(key_node)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: SafeLoader's own error says so
+                    continue
+                if first is not key_node:
+                    raise ConfigError(f"duplicate key {key!r} {_where(first.start_mark, key_node.start_mark)}")
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _where(first: yaml.Mark, second: yaml.Mark) -> str:
+    """``at lines 3 and 7``, or ``at line 1, columns 2 and 9`` for one line (a ``--set`` value)."""
+    if first.line != second.line:
+        return f"at lines {first.line + 1} and {second.line + 1}"
+    return f"at line {first.line + 1}, columns {first.column + 1} and {second.column + 1}"
+
+
+def _parse_yaml(text: str) -> Any:
+    """``text`` read with :class:`_StrictLoader`; its refusals raise ConfigError without context."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # safe: a SafeLoader subclass
+    except ConfigError:  # the loader's own refusals (a ValueError too): already worded
+        raise
+    except RecursionError:  # a safety net: _StrictLoader bounds the depth before this can happen
+        raise ConfigError(f"nested more than {MAX_YAML_DEPTH} levels deep") from None
+    except ValueError as error:  # a scalar Python cannot build: a 5,000-digit integer, month 13
+        raise ConfigError(f"a value cannot be read: {str(error).split(';')[0]}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Config:
@@ -231,6 +390,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The YAML mapping in ``path``; any problem (missing file, syntax, duplicate keys, depth)
+    is one ConfigError naming the file."""
     path = Path(path)
     try:
         text = path.read_text()
@@ -239,7 +400,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as error:
         raise ConfigError(f"cannot read config file {str(path)!r}: {error}") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = _parse_yaml(text)
+    except ConfigError as error:
+        raise ConfigError(f"{path}: {error}") from None
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -260,7 +423,9 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
     if not sep or not key or any(not p.strip() for p in parts):
         raise ConfigError(f"--set {override!r}: expected key.sub=value, e.g. train.epochs=5")
     try:
-        value = yaml.safe_load(text) if text.strip() else None
+        value = _parse_yaml(text) if text.strip() else None
+    except ConfigError as error:
+        raise ConfigError(f"--set {key}: {error}") from None
     except yaml.YAMLError:
         raise ConfigError(f"--set {override!r}: cannot read the value {text!r}") from None
     node = raw
@@ -342,15 +507,23 @@ def _convert(value: Any, hint: Any, key: str) -> Any:
             raise _type_error(key, hint, value)
         return value
     if hint is int:
+        if isinstance(value, float) and value.is_integer():  # 1e3 or 3.0: a whole number, spelt as a float
+            if abs(value) >= SAMPLE_LIMIT:
+                raise ConfigError(f"{key} must be an integer below 2^63, got {value!r}")
+            return int(value)
         if isinstance(value, bool) or not isinstance(value, int):
             raise _type_error(key, hint, value)
         return value
     if hint is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise _type_error(key, hint, value)
-        if value != value or value in (float("inf"), float("-inf")):
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float range is as unusable as inf
+            raise ConfigError(f"{key} must be a finite number, got an integer too large for a float") from None
+        if not math.isfinite(number):
             raise ConfigError(f"{key} must be a finite number, got {value!r}")
-        return float(value)
+        return number
     if hint is str:
         if not isinstance(value, str):
             raise _type_error(key, hint, value)
@@ -399,4 +572,25 @@ def to_dict(config: Any) -> Any:
 
 
 def dump_config(config: Config) -> str:
+    """The resolved config as YAML; :func:`read_yaml` + :func:`from_dict` give ``config`` back."""
     return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def differences(a: Config, b: Config) -> list[str]:
+    """The dotted keys whose values differ between ``a`` and ``b``, in config order.
+
+    Sections and mappings (``teacher.args``) are compared key by key (``teacher.args.channels``);
+    lists (``distill.feature_pairs``) and other values as a whole. Used to name what changed
+    when a ``--resume`` is refused."""
+    return _differences(to_dict(a), to_dict(b), "")
+
+
+def _differences(a: Any, b: Any, prefix: str) -> list[str]:
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        # type() too: 1 == 1.0 == True in Python, but they are different config values
+        return [] if type(a) is type(b) and a == b else [prefix.rstrip(".")]
+    keys = list(a) + [k for k in b if k not in a]
+    return [name for k in keys for name in _differences(a.get(k, _MISSING), b.get(k, _MISSING), f"{prefix}{k}.")]
+
+
+_MISSING = object()  # a key present on one side only
