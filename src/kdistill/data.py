@@ -9,7 +9,10 @@ longest sentence. Splits are fixed: the same config gives the same train/validat
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+import hashlib
+import os
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +30,9 @@ BUILTIN_DATASETS = {
 }
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 SPLIT_SEED = 0  # fixed: splits never depend on the training seed
+# Labels must be 0 … K−1: K may exceed the number of samples (a subset of a many-class dataset), but a
+# label far beyond both would make every model allocate a K-wide output layer (10⁹ labels: 512 GB).
+MIN_CLASS_BOUND = 1000
 
 
 Inputs = Tensor | dict[str, Tensor]  # a tensor, or tokenized text: {"input_ids": (N, T), ...}
@@ -102,6 +108,9 @@ class Splits:
     validation: TensorData | None
     test: TensorData
     num_classes: int
+    # splits_digest of the data as loaded, before normalisation: the normalised values depend on how
+    # many threads summed the mean, the loaded ones do not (load_data sets it; see splits_digest).
+    source_digest: str | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -139,13 +148,17 @@ def load_data(config: DataConfig) -> Splits:
         train = TensorData(select(train.inputs, keep), train.labels[keep])
     _check(train, "training", name)
     _check(test, "test", name)
-    num_classes = int(max(train.labels.max(), test.labels.max())) + 1
+    if validation is not None:
+        _check(validation, "validation", name)
+    _check_shapes(train, test, name)
+    num_classes = _num_classes(name, train, validation, test)
+    source_digest = _digest(train, validation, test)
     if not train.is_text:
         mean, std = train.inputs.mean(), train.inputs.std().clamp_min(1e-6)
         for part in (train, validation, test):
             if part is not None:
                 part.inputs = (part.inputs - mean) / std
-    return Splits(name, train, validation, test, num_classes)
+    return Splits(name, train, validation, test, num_classes, source_digest)
 
 
 def _mnist5k() -> tuple[TensorData, TensorData]:
@@ -234,6 +247,7 @@ def _image_folder(root: Path, image_size: list[int] | None) -> tuple[Tensor, Ten
     """Images under ``root/<class>/``; classes in sorted order; grayscale unless any is colour."""
     from PIL import Image, UnidentifiedImageError
 
+    unreadable = (UnidentifiedImageError, Image.DecompressionBombError, OSError)
     if not root.is_dir():
         raise ConfigError(f"data.path {str(root)!r} is not a directory")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
@@ -247,47 +261,129 @@ def _image_folder(root: Path, image_size: list[int] | None) -> tuple[Tensor, Ten
     ]
     if not files:
         raise ConfigError(f"image folder {str(root)!r} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    images = []
+    # Headers only: PIL reads the size and mode without decoding, so the memory estimate comes first.
+    modes, sizes = [], []
     for path, _ in files:
         try:
             with Image.open(path) as image:
-                image.load()
-                images.append(image.copy())
-        except (UnidentifiedImageError, OSError) as error:
+                modes.append(image.mode)
+                sizes.append(image.size)
+        except unreadable as error:
             raise ConfigError(f"cannot read image {str(path)!r}: {error}") from None
-    mode = "L" if all(im.mode in ("L", "1", "P", "I", "I;16") for im in images) else "RGB"
-    size = tuple(image_size[::-1]) if image_size else images[0].size  # PIL sizes are (W, H)
-    arrays = [np.asarray(im.convert(mode).resize(size), dtype=np.float32) / 255.0 for im in images]
-    inputs = torch.tensor(np.stack(arrays))
-    inputs = inputs.unsqueeze(1) if mode == "L" else inputs.permute(0, 3, 1, 2)
-    return inputs.contiguous(), torch.tensor([label for _, label in files], dtype=torch.long)
+    mode = "L" if all(m in ("L", "1", "P", "I", "I;16") for m in modes) else "RGB"
+    size = tuple(image_size[::-1]) if image_size else sizes[0]  # PIL sizes are (W, H)
+    channels = 1 if mode == "L" else 3
+    _check_fits(len(files), channels, size[1], size[0])
+    inputs = np.empty((len(files), size[1], size[0], channels), dtype=np.float32)
+    for index, (path, _) in enumerate(files):  # one decoded image at a time
+        try:
+            with Image.open(path) as image:
+                converted = image.convert(mode)
+        except unreadable as error:
+            raise ConfigError(f"cannot read image {str(path)!r}: {error}") from None
+        if converted.size != size:
+            converted = converted.resize(size)
+        inputs[index] = np.asarray(converted, dtype=np.float32).reshape(size[1], size[0], channels) / 255.0
+    tensor = torch.from_numpy(inputs).permute(0, 3, 1, 2)  # (N, H, W, C) → (N, C, H, W)
+    return tensor.contiguous(), torch.tensor([label for _, label in files], dtype=torch.long)
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation: ``MemAvailable`` of ``/proc/meminfo`` (Linux),
+    else the free physical pages (``os.sysconf``), else an assumed 8 GiB."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # reported in kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES")) * int(os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        return 8 * 1024**3
+
+
+def format_bytes(count: float) -> str:
+    """``1.2 TB``, ``340 MB``: decimal units, three significant digits at most."""
+    for unit in ("B", "kB", "MB", "GB", "TB", "PB"):
+        if count < 1000 or unit == "PB":
+            return f"{count:.3g} {unit}"
+        count /= 1000
+    raise AssertionError("unreachable")
+
+
+def _check_fits(images: int, channels: int, height: int, width: int) -> None:
+    """Refuse, before decoding anything, a folder whose float32 tensor would not fit in memory; it is
+    held about twice while it is split and normalised."""
+    needed = 2 * images * channels * height * width * 4
+    available = available_memory()
+    if needed > available:
+        plural = "s" if channels > 1 else ""
+        raise ConfigError(
+            f"the image folder would need {format_bytes(needed)} of memory to hold {images} images of "
+            f"{height}×{width} ({channels} channel{plural}, float32, held twice while split and normalised); "
+            f"{format_bytes(available)} are available: lower data.image_size"
+        )
 
 
 def _npz(path: Path, test_fraction: float) -> tuple[TensorData, TensorData]:
+    """``x_train, y_train`` and optionally ``x_test, y_test`` (both or neither) of an ``.npz`` file."""
+    if not path.exists():
+        raise ConfigError(f"data.path {str(path)!r} does not exist")
+    if path.is_file() and not zipfile.is_zipfile(path):
+        # np.load would read a lone .npy array (then fail on ``with``) or try to unpickle anything else.
+        raise ConfigError(
+            f"{str(path)!r} is not an .npz archive (a zip of .npy arrays, as np.savez writes); "
+            "save the data with np.savez(path, x_train=…, y_train=…)"
+        )
     try:
         arrays = np.load(path, allow_pickle=False)
-    except FileNotFoundError:
-        raise ConfigError(f"data.path {str(path)!r} does not exist") from None
-    except (ValueError, OSError) as error:
+    except (ValueError, OSError, zipfile.BadZipFile) as error:
         raise ConfigError(f"cannot read {str(path)!r} as .npz: {error}") from None
     with arrays:
         if "x_train" not in arrays or "y_train" not in arrays:
             raise ConfigError(f"{path}: an .npz dataset needs arrays x_train and y_train, found {list(arrays)}")
-        x_train, y_train = _tensors(arrays["x_train"], arrays["y_train"], path)
-        if "x_test" in arrays and "y_test" in arrays:
-            return TensorData(x_train, y_train), TensorData(*_tensors(arrays["x_test"], arrays["y_test"], path))
+        has_x, has_y = "x_test" in arrays, "y_test" in arrays
+        if has_x != has_y:
+            present, absent = ("x_test", "y_test") if has_x else ("y_test", "x_test")
+            raise ConfigError(
+                f"{path}: has {present} but not {absent}; give both (a fixed test split) or neither "
+                "(data.test_fraction of the training arrays is held out)"
+            )
+        try:
+            x_train, y_train = _tensors(arrays["x_train"], arrays["y_train"], path)
+            if has_x:
+                return TensorData(x_train, y_train), TensorData(*_tensors(arrays["x_test"], arrays["y_test"], path))
+        except (ValueError, OSError, zipfile.BadZipFile) as error:  # a member that is not a valid .npy
+            if isinstance(error, ConfigError):
+                raise
+            raise ConfigError(f"cannot read {str(path)!r} as .npz: {error}") from None
     return _split(x_train, y_train, test_fraction)
 
 
 def _tensors(x: np.ndarray, y: np.ndarray, source: object) -> tuple[Tensor, Tensor]:
+    """Float inputs ``(N, ...)`` (``(N, H, W)`` gains a channel) and integer labels ``(N,)``."""
+    if x.ndim == 0 or y.ndim == 0:
+        raise ConfigError(f"{source}: inputs and labels must be arrays with one row per sample, got a scalar")
     if len(x) != len(y):
         raise ConfigError(f"{source}: {len(x)} inputs but {len(y)} labels")
-    inputs = torch.tensor(np.asarray(x, dtype=np.float32))
+    if y.ndim == 2 and y.shape[1] == 1:  # a column of labels
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise ConfigError(
+            f"{source}: labels must be one integer label per sample, shape (N,), got shape {y.shape} "
+            "(one-hot labels: take argmax along the last axis)"
+        )
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ConfigError(f"{source}: labels must be integers, got {y.dtype}")
+    try:
+        inputs = torch.tensor(np.asarray(x, dtype=np.float32))
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"{source}: inputs must be numbers: {error}") from None
     if inputs.dim() == 3:  # (N, H, W) images: add the channel
         inputs = inputs.unsqueeze(1)
-    if not np.issubdtype(np.asarray(y).dtype, np.integer):
-        raise ConfigError(f"{source}: labels must be integers, got {np.asarray(y).dtype}")
-    return inputs, torch.tensor(np.asarray(y), dtype=torch.long)
+    return inputs, torch.tensor(y, dtype=torch.long)
 
 
 def _factory(path: str) -> tuple[TensorData, TensorData]:
@@ -318,25 +414,122 @@ def _materialise(dataset: object, source: str, part: str) -> TensorData:
 def _check(part: TensorData, which: str, name: str) -> None:
     if len(part) == 0:
         raise ConfigError(f"dataset {name!r}: the {which} split is empty")
+    if which == "training" and len(part) < 2:
+        # Models are probed with two samples, and batch norm cannot train on batches of one.
+        raise ConfigError(
+            f"dataset {name!r}: the training split has 1 sample after holding out the test and validation "
+            "samples; kdistill needs at least 2: add data, or lower data.test_fraction / data.validation_fraction"
+        )
     if not part.is_text and not torch.isfinite(part.inputs).all():
         raise ConfigError(f"dataset {name!r}: the {which} inputs contain NaN or infinite values")
     if int(part.labels.min()) < 0:
         raise ConfigError(f"dataset {name!r}: the {which} labels contain negative values ({int(part.labels.min())})")
 
 
+def _check_shapes(train: TensorData, test: TensorData, name: str) -> None:
+    """Test samples must look like training samples: a model built for one would misread the other
+    (a CNN with global pooling even runs on larger images, silently)."""
+    if train.is_text or test.is_text:
+        return  # tokenized together: one padded length
+    train_shape, test_shape = tuple(train.inputs.shape[1:]), tuple(test.inputs.shape[1:])
+    if train_shape != test_shape:
+        raise ConfigError(
+            f"dataset {name!r}: the test inputs have shape {test_shape} but the training inputs {train_shape}; "
+            "every sample must have the same shape"
+        )
+
+
+def _num_classes(name: str, *parts: TensorData | None) -> int:
+    """``1 + the largest label``, refused when absurd for the data: more than
+    ``max(MIN_CLASS_BOUND, samples)`` classes would make every model's output layer that wide."""
+    present = [part for part in parts if part is not None]
+    samples = sum(len(part) for part in present)
+    largest = max(int(part.labels.max()) for part in present)
+    bound = max(MIN_CLASS_BOUND, samples)
+    if largest + 1 > bound:
+        raise ConfigError(
+            f"dataset {name!r}: labels go up to {largest}, i.e. {largest + 1:,} classes for {samples:,} samples; "
+            f"kdistill takes at most {bound:,} classes here (the larger of {MIN_CLASS_BOUND:,} and the number of "
+            "samples): labels must be class indices 0, 1, …, K−1"
+        )
+    return largest + 1
+
+
+def splits_digest(splits: Splits) -> str:
+    """A digest of every split's inputs and labels (shapes, dtypes and bytes): equal for the same data,
+    different when one value of one split changes. It goes into the trained-teacher cache key, whose
+    config alone cannot see that a file at the same path was edited. Splits from :func:`load_data` are
+    digested as loaded, before normalisation (the same on every machine, rank and thread count);
+    hashing 100 MB takes ~0.1 s."""
+    if splits.source_digest is not None:
+        return splits.source_digest
+    return _digest(splits.train, splits.validation, splits.test)
+
+
+def _digest(train: TensorData, validation: TensorData | None, test: TensorData) -> str:
+    sha = hashlib.sha256()
+    for which, part in (("train", train), ("validation", validation), ("test", test)):
+        if part is None:
+            sha.update(f"{which}:none;".encode())
+            continue
+        tensors = sorted(part.inputs.items()) if isinstance(part.inputs, Mapping) else [("inputs", part.inputs)]
+        for key, tensor in [*tensors, ("labels", part.labels)]:
+            # The shape is hashed as given: (N, 1, 40) and (N, 40) hold the same bytes but are other data.
+            sha.update(f"{which}.{key}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+            if flat.numel():
+                sha.update(flat.view(torch.uint8).numpy())  # a view: no copy of the data
+    return sha.hexdigest()[:20]
+
+
 class ShiftViews:
     """Random translations of up to ``pixels`` in each direction, fixed per (sample, view).
 
-    View ``v`` of sample ``i`` is the same whatever batch the sample lands in and whatever the
-    training seed, so a cached teacher output for (i, v) belongs to exactly the view the student
-    sees. Epoch ``e`` uses view ``e`` (a fresh view every epoch) or, with ``views`` set, view
-    ``e mod views`` (a fixed set of views that a teacher cache can hold). Borders are filled with
-    each image's minimum (its background).
+    Images ``(N, C, H, W)`` move along both spatial axes, signals ``(N, C, L)`` along their last
+    axis; other inputs (vectors ``(N, D)``, token dicts) cannot be shifted and pass unchanged —
+    :meth:`applies_to` and :meth:`note` say so up front. View ``v`` of sample ``i`` is the same
+    whatever batch the sample lands in and whatever the training seed, so a cached teacher output
+    for (i, v) belongs to exactly the view the student sees. Epoch ``e`` uses view ``e`` (a fresh
+    view every epoch) or, with ``views`` set, view ``e mod views`` (a fixed set of views that a
+    teacher cache can hold). Borders are filled with each sample's minimum (its background).
+
+    ``input_shape`` (one sample's shape, e.g. :attr:`Splits.input_shape`) makes :meth:`identity`
+    name exactly what is done to those inputs: ``shift2d(…)``, ``shift1d(…)`` or ``none``.
     """
 
-    def __init__(self, num_samples: int, pixels: int = 2, views: int | None = None, seed: int = 0) -> None:
+    def __init__(
+        self,
+        num_samples: int,
+        pixels: int = 2,
+        views: int | None = None,
+        seed: int = 0,
+        input_shape: Sequence[int] | None = None,
+    ) -> None:
         self.num_samples, self.pixels, self.views, self.seed = num_samples, pixels, views, seed
+        self.input_shape = None if input_shape is None else tuple(int(size) for size in input_shape)
         self._offsets: tuple[int, Tensor] | None = None
+
+    @staticmethod
+    def shifted_axes(sample_dims: int) -> int:
+        """How many trailing axes a sample of ``sample_dims`` dimensions is shifted along:
+        2 for images ``(C, H, W)``, 1 for signals ``(C, L)``, 0 for anything else."""
+        return {3: 2, 2: 1}.get(sample_dims, 0)
+
+    @classmethod
+    def applies_to(cls, inputs: Inputs) -> bool:
+        """Whether shifting changes ``inputs`` (a batch ``(N, ...)`` or token dict) at all."""
+        return not isinstance(inputs, Mapping) and cls.shifted_axes(inputs.dim() - 1) > 0
+
+    @classmethod
+    def note(cls, inputs: Inputs) -> str | None:
+        """One line to log when shifting would do nothing to ``inputs``; None when it applies."""
+        if cls.applies_to(inputs):
+            return None
+        shape = "token ids" if isinstance(inputs, Mapping) else f"shape {tuple(inputs.shape[1:])}"
+        return (
+            f"data.augment: shift does nothing to inputs of {shape} (it moves images (C, H, W) and "
+            "signals (C, L)); the data is used unaugmented, set data.augment: none to say so"
+        )
 
     def view_of(self, epoch: int) -> int:
         return epoch if self.views is None else epoch % self.views
@@ -349,15 +542,31 @@ class ShiftViews:
         return self._offsets[1]
 
     def __call__(self, inputs: Tensor, indices: Tensor, epoch: int) -> Tensor:
+        if not self.applies_to(inputs):
+            return inputs
         return shift(inputs, self.offsets(self.view_of(epoch))[indices], self.pixels)
 
     def identity(self) -> str:
-        """What a teacher cache must match."""
-        return f"shift(pixels={self.pixels}, views={self.views}, seed={self.seed})"
+        """What a teacher cache must match: the shift and the axes it moves, or ``none`` when it
+        does nothing to inputs of ``input_shape``. Without ``input_shape`` the axes follow each
+        batch's rank (``shift(…, axes=by-rank)``), still distinct from versions that moved images only."""
+        settings = f"pixels={self.pixels}, views={self.views}, seed={self.seed}"
+        if self.input_shape is None:
+            return f"shift({settings}, axes=by-rank)"
+        axes = self.shifted_axes(len(self.input_shape))
+        return f"shift{axes}d({settings})" if axes else "none"
 
 
 def shift(inputs: Tensor, offsets: Tensor, pixels: int) -> Tensor:
-    """Translate each ``(N, C, H, W)`` image by ``offsets[n] − pixels`` (rows, columns)."""
+    """Translate each image ``(N, C, H, W)`` by ``offsets[n] − pixels`` (rows, columns), or each
+    signal ``(N, C, L)`` by ``offsets[n, 1] − pixels`` along its last axis; other inputs pass
+    unchanged. ``offsets``: ``(N, 2)`` in ``[0, 2·pixels]``. Uncovered borders take each sample's minimum."""
+    if inputs.dim() == 3:
+        n, c, length = inputs.shape
+        background = inputs.amin(dim=(1, 2), keepdim=True)
+        padded = torch.nn.functional.pad(inputs - background, (pixels, pixels)) + background
+        positions = (offsets[:, 1, None] + torch.arange(length))[:, None, :]
+        return padded[torch.arange(n)[:, None, None], torch.arange(c)[None, :, None], positions]
     if inputs.dim() != 4:
         return inputs
     n, c, h, w = inputs.shape

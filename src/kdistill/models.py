@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,22 @@ import torch
 from torch import nn
 
 from kdistill.errors import CheckpointError, ConfigError, did_you_mean
+
+
+def _positive(model: str, **sizes: object) -> None:
+    """Refuse sizes that are not positive integers before any layer is built: torch would fail
+    later with an internal message, or warn about zero-element tensors and build a broken model."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{model}: {name} must be a positive integer, got {value!r}")
+
+
+def _positive_list(model: str, name: str, values: Sequence[object]) -> None:
+    """Like :func:`_positive` for a list of widths (``channels``, ``hidden``)."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence):
+        raise ConfigError(f"{model}: {name} must be a list of positive integers, got {values!r}")
+    if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+        raise ConfigError(f"{model}: {name} must be positive integers, got {list(values)!r}")
 
 
 class ConvNet(nn.Module):
@@ -33,6 +49,8 @@ class ConvNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        _positive_list("cnn", "channels", channels)
+        _positive("cnn", in_channels=in_channels, num_classes=num_classes, convs=convs)
         previous = in_channels
         for index, width in enumerate(channels, start=1):
             layers: list[nn.Module] = []
@@ -57,6 +75,8 @@ class MLP(nn.Module):
 
     def __init__(self, hidden: Sequence[int] = (256, 128), in_features: int = 784, num_classes: int = 10) -> None:
         super().__init__()
+        _positive_list("mlp", "hidden", hidden)
+        _positive("mlp", in_features=in_features, num_classes=num_classes)
         previous = in_features
         self.num_hidden = len(hidden)
         for index, width in enumerate(hidden, start=1):
@@ -102,8 +122,13 @@ class ResNet(nn.Module):
         channels: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
+        _positive("resnet", depth=depth, width=width, in_channels=in_channels, num_classes=num_classes)
         if depth < 8 or (depth - 2) % 6:
             raise ConfigError(f"resnet depth must be 6n + 2 (8, 14, 20, 32, …), got {depth}")
+        if channels is not None:
+            _positive_list("resnet", "channels", channels)
+            if len(channels) < 2:
+                raise ConfigError(f"resnet: channels must be [stem, stage1, …] (two or more), got {list(channels)}")
         blocks = (depth - 2) // 6
         stem, *stages = channels or [16 * width, 16 * width, 32 * width, 64 * width]
         self.conv1 = nn.Sequential(
@@ -212,6 +237,7 @@ def build_model(
     if num_classes is not None:
         args.setdefault("num_classes", num_classes)
     if input_shape:
+        _check_input_fits(name, args, accepted, tuple(int(size) for size in input_shape))
         if "in_channels" in accepted:
             args.setdefault("in_channels", int(input_shape[0]))
         if "in_features" in accepted:
@@ -226,6 +252,27 @@ def build_model(
         raise
     except (TypeError, ValueError) as error:
         raise ConfigError(f"model {name!r} with args {args}: {error}") from None
+
+
+def _check_input_fits(name: str, args: dict[str, Any], accepted: Mapping[str, Any], shape: tuple[int, ...]) -> None:
+    """A built-in model against one input's ``shape``: convolutional models take images ``(C, H, W)``,
+    and ``in_channels`` / ``in_features`` set by hand must match the data (else torch fails mid-forward)."""
+    if "in_channels" in accepted and len(shape) != 3:
+        raise ConfigError(f"model {name!r} takes images (C, H, W); the inputs have shape {shape} (try mlp)")
+    given = args.get("in_channels")
+    if "in_channels" in accepted and isinstance(given, int) and 1 <= given != shape[0]:
+        plural = "s" if shape[0] != 1 else ""
+        raise ConfigError(
+            f"model {name!r}: in_channels {given} does not match the inputs of shape {shape} "
+            f"({shape[0]} channel{plural}); leave in_channels out to take it from the data"
+        )
+    given = args.get("in_features")
+    features = int(torch.Size(shape).numel())
+    if "in_features" in accepted and isinstance(given, int) and 1 <= given != features:
+        raise ConfigError(
+            f"model {name!r}: in_features {given} does not match the inputs of shape {shape} "
+            f"({features} features once flattened); leave in_features out to take it from the data"
+        )
 
 
 def count_parameters(model: nn.Module) -> int:
