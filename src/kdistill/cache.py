@@ -13,14 +13,27 @@ batches are trimmed to their longest sentence, and padding never counts in the l
 
 The fingerprint (a hash of the teacher's weights, the dataset's inputs and labels, the
 augmentation, the cached layers and the storage type) is checked on opening: a stale
-cache is refused with the reason, never silently used.
+cache is refused with the reason, never silently used. ``meta.json`` also records a SHA-256 of
+every ``.npy`` file (and of itself), checked once per file per process on opening: a damaged or
+truncated file is refused with its name. Caches of format 1 (before checksums) are stale.
+
+Runs that share a cache directory may build the same cache at once: each builder writes its own
+hidden temporary directory beside the target and renames it into place when complete; the first
+complete cache wins, later builders verify it and discard theirs. A complete cache that fits the
+run is never deleted, so a process reading it is never pulled from under.
 """
 
 from __future__ import annotations
 
+import errno
+import glob
 import hashlib
 import json
+import os
+import re
 import shutil
+import socket
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,13 +43,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from kdistill import faults
+from kdistill.checkpoint import file_sha256, verify_file, write_failure
 from kdistill.data import Inputs, ShiftViews, TensorData, move, primary, select
-from kdistill.distiller import call_model, default_logits
-from kdistill.errors import KDistillError
+from kdistill.distiller import call_model, default_logits, split_labels
+from kdistill.errors import CheckpointError, KDistillError
 from kdistill.hooks import FeatureRecorder, first_tensor
 from kdistill.losses import TopKLogits
 
-FORMAT = 1
+FORMAT = 2  # 2: meta.json records a SHA-256 of every file (format-1 caches are refused as stale)
 STORAGE = {"float16": np.float16, "float32": np.float32, "topk": np.float32}
 
 
@@ -96,24 +111,39 @@ class TeacherCache:
         self.layers: list[str] = meta["fingerprint"]["layers"]
         self.topk = meta["fingerprint"].get("topk")
         if self.topk:
-            self.logits = {
-                name: np.load(directory / f"{name}.npy", mmap_mode="r")
-                for name in ("topk-values", "topk-indices", "topk-log-rest")
-            }
+            self.logits = {name: self._load(name) for name in ("topk-values", "topk-indices", "topk-log-rest")}
         else:
-            self.logits = np.load(directory / "logits.npy", mmap_mode="r")
-        self.features = {
-            layer: np.load(directory / f"feature-{i}.npy", mmap_mode="r") for i, layer in enumerate(self.layers)
-        }
+            self.logits = self._load("logits")
+        self.features = {layer: self._load(f"feature-{i}") for i, layer in enumerate(self.layers)}
+
+    def _load(self, name: str) -> np.ndarray:
+        """Memory-map ``<name>.npy``; a file that numpy cannot map or that holds the wrong number
+        of rows is named in a :class:`CheckpointError`."""
+        path = self.directory / f"{name}.npy"
+        try:
+            array = np.load(path, mmap_mode="r")
+        except (OSError, ValueError, EOFError) as error:
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise CheckpointError(f"teacher cache file {path} is unreadable ({first}); is it truncated?") from None
+        if array.ndim == 0 or array.shape[0] != self.views * self.samples:
+            raise CheckpointError(
+                f"teacher cache file {path} holds {array.shape[:1]} rows, not {self.views * self.samples}; "
+                "is it truncated?"
+            )
+        return array
 
     @classmethod
     def open(cls, directory: str | Path, expected: dict[str, Any]) -> TeacherCache:
-        """Open the cache in ``directory``; refuse it unless its fingerprint equals ``expected``."""
+        """Open the cache in ``directory``; refuse it unless its fingerprint equals ``expected`` and
+        every file matches the SHA-256 recorded in ``meta.json`` (checked once per file per process)."""
         directory = Path(directory)
+        _refuse_a_file(directory)
         meta_path = directory / "meta.json"
         if not meta_path.exists():
             raise StaleCacheError(f"teacher cache {directory} is incomplete or missing (no meta.json)")
-        meta = json.loads(meta_path.read_text())
+        meta = _read_meta(meta_path)
+        if "meta_sha256" in meta:  # damage first: a flipped fingerprint byte is not staleness
+            _verify_meta(meta, meta_path)
         found = meta.get("fingerprint", {})
         changed = [key for key in expected if found.get(key) != expected[key]]
         if changed:
@@ -121,6 +151,12 @@ class TeacherCache:
                 f"teacher cache {directory} is stale: its {', '.join(changed)} differ from this run's "
                 "(delete it, or set distill.teacher_cache: auto to rebuild)"
             )
+        _verify_meta(meta, meta_path)  # a current-format cache without its digest is damaged too
+        for name, recorded in meta["sha256"].items():
+            path = directory / name
+            if not path.is_file():
+                raise CheckpointError(f"teacher cache {directory} is damaged: {name} is missing; delete it to rebuild")
+            verify_file(path, recorded)
         return cls(directory, meta)
 
     @classmethod
@@ -145,12 +181,18 @@ class TeacherCache:
         ``storage``: ``float16`` or ``float32`` logits, or ``topk``: the ``topk`` largest logits and the
         log of the remaining probability mass at ``temperature`` (see :func:`kdistill.losses.topk_kl_rows`
         for the approximation this makes to the KL and its error bound).
+
+        Safe for several processes building the same ``directory`` at once: each writes a private
+        temporary directory beside it and renames it into place; the first complete cache wins, and
+        the others verify it and discard their own. A cache that would not fit on the disk is refused
+        after the first batch, before anything big is written; a failure leaves nothing behind.
         """
         if storage not in STORAGE:
             raise KDistillError(f"unknown cache storage {storage!r} (choose {', '.join(STORAGE)})")
         if storage == "topk" and not (topk and topk >= 1 and temperature and temperature > 0):
             raise KDistillError("top-k cache storage needs topk ≥ 1 and the run's temperature")
         directory = Path(directory)
+        _refuse_a_file(directory)
         views = 1 if augment is None else augment.views
         if views is None:
             raise KDistillError(
@@ -158,56 +200,71 @@ class TeacherCache:
                 "to cache that many fixed views per sample, or data.augment: none"
             )
         expected = fingerprint(teacher, data, augment, layers, storage, topk, temperature)
-        partial = directory.with_name(directory.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
         teacher = teacher.eval().to(device)
         n, dtype = len(data), STORAGE[storage]
+        partial: Path | None = None
         arrays: dict[str, np.memmap] = {}
-        with FeatureRecorder(teacher, layers, feature_fn, "teacher") as recorder, torch.no_grad():
-            bar = tqdm(total=views * n, desc="teacher cache", disable=progress is False or None, leave=False)
-            for view in range(views):
-                for indices in data.index_batches(batch_size):
-                    inputs = select(data.inputs, indices)  # token inputs untrimmed: one shape for all
-                    if augment is not None:
-                        inputs = augment(inputs, indices, view)
-                    recorder.clear()
-                    logits = default_logits(call_model(teacher, move(inputs, device)))
-                    if storage == "topk":
-                        top = TopKLogits.from_logits(logits, min(topk, logits.shape[-1]), temperature)
-                        outputs = {
-                            "topk-values": top.values,
-                            "topk-indices": top.indices,
-                            "topk-log-rest": top.log_rest,
+        try:
+            with FeatureRecorder(teacher, layers, feature_fn, "teacher") as recorder, torch.no_grad():
+                bar = tqdm(total=views * n, desc="teacher cache", disable=progress is False or None, leave=False)
+                for view in range(views):
+                    for indices in data.index_batches(batch_size):
+                        inputs = select(data.inputs, indices)  # token inputs untrimmed: one shape for all
+                        if augment is not None:
+                            inputs = augment(inputs, indices, view)
+                        recorder.clear()
+                        inputs, _ = split_labels(inputs)  # a Hugging Face batch's labels never reach the teacher
+                        logits = default_logits(call_model(teacher, move(inputs, device)))
+                        if storage == "topk":
+                            top = TopKLogits.from_logits(logits, min(topk, logits.shape[-1]), temperature)
+                            outputs = {
+                                "topk-values": top.values,
+                                "topk-indices": top.indices,
+                                "topk-log-rest": top.log_rest,
+                            }
+                        else:
+                            outputs = {"logits": logits}
+                        features = recorder.pop()
+                        for i, layer in enumerate(recorder.paths):
+                            outputs[f"feature-{i}"] = features[layer]
+                        layout = {
+                            name: (np.dtype(np.int32 if name == "topk-indices" else dtype), tuple(value.shape[1:]))
+                            for name, value in outputs.items()
                         }
-                    else:
-                        outputs = {"logits": logits}
-                    features = recorder.pop()
-                    for i, layer in enumerate(recorder.paths):
-                        outputs[f"feature-{i}"] = features[layer]
-                    rows = view * n + indices.numpy()
-                    for name, value in outputs.items():
-                        target = np.int32 if name == "topk-indices" else dtype
-                        if name not in arrays:
-                            arrays[name] = np.lib.format.open_memmap(
-                                partial / f"{name}.npy", mode="w+", dtype=target, shape=(views * n, *value.shape[1:])
-                            )
-                        arrays[name][rows] = value.cpu().numpy().astype(target)
-                    bar.update(len(indices))
-            bar.close()
-        for array in arrays.values():
-            array.flush()
-        meta = {
-            "fingerprint": expected,
-            "samples": n,
-            "views": views,
-            "tokens": token_length(data.inputs),
-            "bytes_per_sample": sum(a.nbytes for a in arrays.values()) / (views * n),
-        }
-        (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        shutil.rmtree(directory, ignore_errors=True)
-        partial.rename(directory)  # complete caches only: a crash leaves just the .partial folder
-        return cls(directory, meta)
+                        if partial is None:  # first batch: the sizes are known, nothing is written yet
+                            _check_free_space(directory, views, n, layout)
+                            _remove_orphans(directory)
+                            partial = _private_directory(directory, ".partial", owned=True)
+                            arrays = _allocate(partial, views * n, layout)
+                        rows = view * n + indices.numpy()
+                        for name, value in outputs.items():
+                            arrays[name][rows] = value.cpu().numpy().astype(layout[name][0])
+                        bar.update(len(indices))
+                        faults.reached("cache")
+                bar.close()
+            if partial is None:
+                raise KDistillError(f"teacher cache {directory}: the dataset is empty")
+            for array in arrays.values():
+                array.flush()
+            arrays.clear()  # unmap before hashing and renaming
+            digests = {f"{name}.npy": file_sha256(partial / f"{name}.npy") for name in layout}
+            meta = {
+                "fingerprint": expected,
+                "samples": n,
+                "views": views,
+                "tokens": token_length(data.inputs),
+                "bytes_per_sample": sum(_row_bytes(*spec) for spec in layout.values()),
+                "sha256": digests,
+            }
+            meta["meta_sha256"] = _meta_digest(meta)
+            (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+            return _publish(partial, directory, expected, meta)
+        except OSError as error:
+            raise write_failure(directory, error) from error
+        finally:
+            arrays.clear()
+            if partial is not None:
+                shutil.rmtree(partial, ignore_errors=True)  # ours alone: gone once published or failed
 
     def lookup(
         self, indices: Tensor, epoch: int = 0, tokens: int | None = None
@@ -238,6 +295,148 @@ class TeacherCache:
     @property
     def bytes_per_sample(self) -> float:
         return float(self.meta["bytes_per_sample"])
+
+
+def _refuse_a_file(directory: Path) -> None:
+    if directory.exists() and not directory.is_dir():
+        raise KDistillError(
+            f"teacher cache {directory} is a file, not a directory: name a directory for distill.teacher_cache "
+            "(or auto)"
+        )
+
+
+def _meta_digest(meta: dict[str, Any]) -> str:
+    """SHA-256 of ``meta`` without its own digest, in a canonical JSON form."""
+    rest = {key: value for key, value in meta.items() if key != "meta_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    """The parsed ``meta.json``; a garbled one is named in a :class:`CheckpointError`."""
+    try:
+        meta = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as error:
+        raise CheckpointError(
+            f"teacher cache file {path} is damaged ({type(error).__name__}: {error}); delete {path.parent} to rebuild"
+        ) from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("fingerprint", {}), dict):
+        raise CheckpointError(f"teacher cache file {path} is damaged (not a cache description)")
+    return meta
+
+
+def _verify_meta(meta: dict[str, Any], path: Path) -> None:
+    """Refuse a ``meta.json`` whose content changed after it was written (a flipped digit of a count
+    parses but would misplace every row)."""
+    if meta.get("meta_sha256") != _meta_digest(meta) or not isinstance(meta.get("sha256"), dict):
+        raise CheckpointError(
+            f"teacher cache file {path} is damaged: its content does not match its recorded SHA-256; "
+            f"delete {path.parent} to rebuild"
+        )
+
+
+def _row_bytes(dtype: np.dtype, shape: tuple[int, ...]) -> int:
+    return int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+
+
+def _human(size: float) -> str:
+    """``1234567`` → ``"1.2 MB"``."""
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if size < 1000:
+            return f"{size:,.1f} {unit}"
+        size /= 1000
+    return f"{size:,.1f} PB"
+
+
+def _check_free_space(
+    directory: Path, views: int, samples: int, layout: dict[str, tuple[np.dtype, tuple[int, ...]]]
+) -> None:
+    """Refuse a cache larger than the free space where it would be written, before writing it."""
+    per_sample = sum(_row_bytes(*spec) for spec in layout.values())
+    needed = views * samples * per_sample
+    existing = directory.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    free = shutil.disk_usage(existing).free
+    if needed > free:
+        raise KDistillError(
+            f"teacher cache {directory} would take {_human(needed)} ({views:,} view(s) × {samples:,} samples × "
+            f"{per_sample:,} bytes) but only {_human(free)} is free there: lower data.augment_views, use "
+            "distill.cache_storage: float16 or topk, or set distill.teacher_cache: off"
+        )
+
+
+def _private_directory(directory: Path, suffix: str, owned: bool = False) -> Path:
+    """A new, uniquely named hidden directory beside ``directory`` (same file system: renames are
+    atomic); ``owned`` puts this process's id and host in its name (see :func:`_remove_orphans`)."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    owner = f"pid{os.getpid()}@{socket.gethostname()}." if owned else ""
+    return Path(tempfile.mkdtemp(prefix=f".{directory.name}.{owner}", suffix=suffix, dir=directory.parent))
+
+
+def _remove_orphans(directory: Path) -> None:
+    """Delete the temporary directories of builds of ``directory`` that were killed: their process is
+    gone from this host. Those of live processes, or of other hosts, are never touched."""
+    if not directory.parent.is_dir():
+        return
+    prefix, host = f".{directory.name}.pid", socket.gethostname()
+    for entry in directory.parent.glob(f".{glob.escape(directory.name)}.pid*.partial"):
+        match = re.fullmatch(r"(\d+)@(.+)\.[^.]+\.partial", entry.name[len(prefix) :])
+        if match is None or match.group(2) != host:
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            shutil.rmtree(entry, ignore_errors=True)
+        except PermissionError:  # it exists, under another user
+            pass
+
+
+def _allocate(partial: Path, rows: int, layout: dict[str, tuple[np.dtype, tuple[int, ...]]]) -> dict[str, np.memmap]:
+    """One ``.npy`` memmap per output, its blocks reserved on disk: a full disk is an error here,
+    not a SIGBUS when a page of a sparse file is first written."""
+    arrays = {}
+    for name, (dtype, shape) in layout.items():
+        path = partial / f"{name}.npy"
+        arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(rows, *shape))
+        with open(path, "r+b") as handle:
+            try:
+                os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
+            except OSError as error:
+                if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                    raise
+    return arrays
+
+
+def _publish(partial: Path, directory: Path, expected: dict[str, Any], meta: dict[str, Any]) -> TeacherCache:
+    """Rename the complete cache ``partial`` to ``directory``; if a cache for ``expected`` is there
+    already (another process won the race), verify and use that one instead."""
+    for _ in range(10):
+        try:
+            os.rename(partial, directory)  # atomic; fails if ``directory`` is a non-empty directory
+            return TeacherCache(directory, meta)
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        try:
+            return TeacherCache.open(directory, expected)  # first complete one wins
+        except KDistillError:
+            pass
+        # A stale, incomplete or damaged cache is in the way: move it aside atomically, so no reader
+        # ever sees a half-deleted directory, then delete it unless it turns out to fit this run
+        # (a racing builder may have put a valid one there meanwhile: another process may read it).
+        aside = _private_directory(directory, ".old")
+        try:
+            os.rename(directory, aside)
+        except FileNotFoundError:
+            aside.rmdir()
+            continue
+        try:
+            TeacherCache.open(aside, expected)
+        except KDistillError:
+            shutil.rmtree(aside, ignore_errors=True)
+    raise KDistillError(
+        f"teacher cache {directory}: could not put the new cache in place (too many concurrent builders)"
+    )
 
 
 class CachedDistillation(nn.Module):
