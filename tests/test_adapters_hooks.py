@@ -78,16 +78,9 @@ def test_recorder_captures_pops_and_closes():
 
 def test_recorder_accepts_wrapper_prefixes_and_wrapped_models():
     inner = nn.Sequential(nn.Linear(3, 4), nn.ReLU())
-
-    class Wrapper(nn.Module):
-        def __init__(self, module):
-            super().__init__()
-            self.module = module
-
-        def forward(self, x):
-            return self.module(x)
-
-    wrapped = Wrapper(inner)
+    # A real wrapper (DataParallel here; DDP and torch.compile alike): a user's model that merely
+    # has an attribute called `module` is not one (tests/test_core_fixes.py).
+    wrapped = nn.DataParallel(inner)
     assert unwrap(wrapped) is inner
     assert strip_wrapper_prefixes("module._orig_mod.0") == "0"
     with FeatureRecorder(wrapped, ["module.0"]) as recorder:

@@ -11,10 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from kdistill import losses
-from kdistill.adapters import build_adapter
+from kdistill.adapters import LAYOUTS, Layout, build_adapter, infer_layout
 from kdistill.errors import ClassCountError, ConfigError, FeatureShapeError, NonFiniteLossError
 from kdistill.hf import check_vocabularies
-from kdistill.hooks import FeatureRecorder, StopForward, first_tensor
+from kdistill.hooks import FeatureRecorder, StopForward, find_module, first_tensor
 
 
 @dataclass(frozen=True)
@@ -27,6 +27,8 @@ class FeaturePair:
         weight: ``w_i`` in the spec's ``L_feat = Σ w_i · MSE``.
         loss: a name in :data:`kdistill.losses.FEATURE_LOSSES` or a function.
         adapter: a module to use instead of the one built from the shapes.
+        layout: how to read 3-D features: ``"tokens"`` ``(N, T, D)`` or ``"channels"``
+            ``(N, C, L)``; None infers it (see :mod:`kdistill.adapters`).
     """
 
     student: str
@@ -34,6 +36,7 @@ class FeaturePair:
     weight: float = 1.0
     loss: str | Callable = "mse"
     adapter: nn.Module | None = field(default=None, compare=False, repr=False)
+    layout: Layout | None = None
 
     @property
     def name(self) -> str:
@@ -74,6 +77,35 @@ def token_mask(inputs: Any) -> Tensor | None:
     return None
 
 
+def split_labels(inputs: Any, labels: Tensor | None = None) -> tuple[Any, Tensor | None]:
+    """Take a ``labels`` entry out of a mapping input (Hugging Face batches carry one).
+
+    Returns ``(inputs without "labels", labels)``; inputs that are not a mapping, or hold no
+    ``labels``, come back unchanged with ``labels``. Models must never receive the entry: a Hugging
+    Face model would compute its own loss from it (spec section 6).
+
+    Raises:
+        ConfigError: ``labels`` is given both ways with different values (equal values, or the
+            same tensor, are one set of labels).
+    """
+    if not isinstance(inputs, Mapping) or "labels" not in inputs:
+        return inputs, labels
+    inner = inputs["labels"]
+    rest = {key: value for key, value in inputs.items() if key != "labels"}
+    if labels is not None and labels is not inner and inner is not None:
+        same = (
+            isinstance(inner, Tensor)
+            and inner.shape == labels.shape
+            and bool(torch.equal(inner.to(device=labels.device, dtype=labels.dtype), labels))
+        )
+        if not same:
+            raise ConfigError(
+                "labels are given twice, as the labels argument and as the inputs' 'labels' entry, "
+                "with different values; pass them one way"
+            )
+    return rest, labels if labels is not None else inner
+
+
 class Distiller(nn.Module):
     """Trains ``student`` to reproduce ``teacher`` (spec sections 1 and 2).
 
@@ -108,6 +140,23 @@ class Distiller(nn.Module):
     that are a mapping are passed as keyword arguments (``model(**inputs)``), a tuple
     as positional ones; a mapping's ``attention_mask`` masks padding out of token-level
     terms.
+
+    Labels inside the inputs: a mapping's ``labels`` entry (as Hugging Face batches carry)
+    is taken out and used as the labels; neither model ever receives it, so a Hugging Face
+    model computes no loss of its own and ``ignore_index`` applies. Given both ways, the
+    ``labels`` argument and the entry must be equal (or the same tensor); different values
+    raise :class:`~kdistill.errors.ConfigError` rather than silently pick one.
+
+    With ``alpha = 0`` the response term carries no weight but is still reported, computed
+    without gradient, whenever teacher logits exist (a live teacher, or a cache). When there
+    are feature pairs, ``alpha = 0`` also stops the teacher right after its deepest paired
+    layer (it saves the rest of the teacher's forward pass); there are then no teacher logits
+    and the ``response`` key is left out of the output rather than reported as a made-up 0.
+
+    Under ``DistributedDataParallel``: when the student's logits enter no weighted term
+    (``alpha = 0`` and no labels: feature-only distillation), the loss includes them with
+    weight 0, so every student parameter gets a (zero) gradient and DDP needs no
+    ``find_unused_parameters=True``.
     """
 
     def __init__(
@@ -135,6 +184,10 @@ class Distiller(nn.Module):
         self.pairs = list(feature_pairs)
         for pair in self.pairs:
             _check_range(f"weight of feature pair {pair.name}", pair.weight, minimum=0.0)
+            if pair.layout is not None and pair.layout not in LAYOUTS:
+                raise ConfigError(
+                    f"layout of feature pair {pair.name} must be one of {', '.join(LAYOUTS)}, got {pair.layout!r}"
+                )
         names = [pair.name for pair in self.pairs]
         if len(set(names)) != len(names):
             raise ConfigError(f"feature pairs repeat: {names}")
@@ -154,8 +207,11 @@ class Distiller(nn.Module):
         teacher.eval()
         object.__setattr__(self, "teacher", teacher)  # see the class docstring: not a submodule
 
-        self._student_recorder = FeatureRecorder(student, [p.student for p in self.pairs], feature_fn, "student")
-        self._teacher_recorder = FeatureRecorder(teacher, [p.teacher for p in self.pairs], feature_fn, "teacher")
+        # On demand: the hooks record only inside a step, never during other forwards of the same
+        # models (a teacher-cache build, an evaluation), which would keep a batch's features alive.
+        student_layers, teacher_layers = [p.student for p in self.pairs], [p.teacher for p in self.pairs]
+        self._student_recorder = FeatureRecorder(student, student_layers, feature_fn, "student", on_demand=True)
+        self._teacher_recorder = FeatureRecorder(teacher, teacher_layers, feature_fn, "teacher", on_demand=True)
         # Keyed by pair position: ModuleDict keys cannot hold the dots of layer paths.
         self.adapters = nn.ModuleDict()
         self._built = not self.pairs
@@ -173,13 +229,12 @@ class Distiller(nn.Module):
         """
         if self._built:
             return
+        sample_input, _ = split_labels(sample_input)
         was_training = self.student.training
         self.student.eval()
         try:
-            self._student_recorder.clear()
             teacher_logits, teacher_features = self.run_teacher(sample_input)
-            student_logits = self.logits_fn(call_model(self.student, sample_input))
-            student_features = self._student_recorder.pop()
+            student_logits, student_features = self._run_student(sample_input)
             if teacher_logits is not None:
                 self._check_logits(student_logits, teacher_logits)
             self._build_adapters(student_features, teacher_features)
@@ -188,12 +243,19 @@ class Distiller(nn.Module):
 
     def _build_adapters(self, student_features: dict[str, Tensor], teacher_features: dict[str, Tensor]) -> None:
         reference = next(iter(student_features.values()))
+        # Adapters train with the student: its parameters' dtype (float64 students get float64
+        # adapters), not the feature's, which autocast may have lowered.
+        dtype = next((p.dtype for p in self.student.parameters() if p.is_floating_point()), None)
         for index, pair in enumerate(self.pairs):
             student_feature = student_features[pair.student]
             teacher_feature = teacher_features[pair.teacher]
             adapter = pair.adapter
             if adapter is None:
-                adapter = build_adapter(student_feature.shape, teacher_feature.shape, pair.name)
+                layout = pair.layout or infer_layout(
+                    find_module(self.student, pair.student), find_module(self.teacher, pair.teacher)
+                )
+                adapter = build_adapter(student_feature.shape, teacher_feature.shape, pair.name, layout)
+                adapter = adapter.to(dtype=dtype) if dtype is not None else adapter
             self.adapters[str(index)] = adapter.to(device=reference.device)
         self._built = True
 
@@ -231,20 +293,30 @@ class Distiller(nn.Module):
 
         ``teacher_outputs``, when given, is the teacher's ``(logits, {layer: feature})`` for these
         inputs (e.g. from a :class:`kdistill.cache.TeacherCache`); the teacher is then not run.
+        A ``labels`` entry of a mapping ``inputs`` is the labels (see the class docstring).
         """
+        inputs, labels = split_labels(inputs, labels)
         mask = token_mask(inputs)
         if teacher_outputs is None:
             teacher_logits, teacher_features = self.run_teacher(inputs)
         else:
             teacher_logits, teacher_features = teacher_outputs
-        self._student_recorder.clear()
-        student_logits = self.logits_fn(call_model(self.student, inputs))
-        student_features = self._student_recorder.pop()
+        student_logits, student_features = self._run_student(inputs)
         if isinstance(teacher_logits, Tensor):  # None when α = 0 stopped the teacher; TopKLogits from a cache
             self._check_logits(student_logits, teacher_logits)
         if not self._built:
             self._build_adapters(student_features, teacher_features)
         return self.compute_losses(student_logits, teacher_logits, student_features, teacher_features, labels, mask)
+
+    def _run_student(self, inputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """The student's logits and hooked features for ``inputs`` (with autograd, unless disabled)."""
+        self._student_recorder.clear()
+        try:
+            logits = self.logits_fn(call_model(self.student, inputs))
+        except BaseException:
+            self._student_recorder.discard()  # keep no half pass's features alive
+            raise
+        return logits, self._student_recorder.pop()
 
     @torch.no_grad()
     def run_teacher(self, inputs: Any) -> tuple[Tensor | None, dict[str, Tensor]]:
@@ -264,6 +336,9 @@ class Distiller(nn.Module):
                 logits = self.logits_fn(call_model(self.teacher, inputs))
         except StopForward:
             logits = None
+        except BaseException:
+            self._teacher_recorder.discard()  # keep no half pass's features alive
+            raise
         finally:
             self._teacher_recorder.stop_when_complete = False
         return logits, self._teacher_recorder.pop()
@@ -284,22 +359,24 @@ class Distiller(nn.Module):
     ) -> dict[str, Tensor]:
         """The loss dict from already computed outputs (also used with cached teacher outputs).
 
-        ``teacher_logits`` is None only when ``alpha = 0`` stopped the teacher early; ``response``
-        is then reported as 0 (it has no weight in the loss).
+        ``teacher_logits`` is None only when ``alpha = 0`` stopped the teacher early; the output
+        then has no ``response`` key. With ``alpha = 0`` and teacher logits, ``response`` is the
+        real ``L_resp``, computed without gradient (it has no weight in the loss).
         """
-        if teacher_logits is None:
-            response = student_logits.new_zeros((), dtype=torch.float32)
-        else:
-            response = losses.response_loss(
-                student_logits,
-                teacher_logits,
-                self.temperature,
-                labels,
-                ignore_index=self.ignore_index,
-                mask=mask if _is_token_mask(mask, student_logits) else None,
-                temperature_squared=self.temperature_squared,
-                loss=self._response_loss,
-            )
+        response = None
+        if teacher_logits is not None:
+            # α = 0: report L_resp (spec section 2) without building a graph for a zero-weight term.
+            with torch.no_grad() if self.alpha == 0 else nullcontext():
+                response = losses.response_loss(
+                    student_logits,
+                    teacher_logits,
+                    self.temperature,
+                    labels,
+                    ignore_index=self.ignore_index,
+                    mask=mask if _is_token_mask(mask, student_logits) else None,
+                    temperature_squared=self.temperature_squared,
+                    loss=self._response_loss,
+                )
         out: dict[str, Tensor] = {}
         feature = student_logits.new_zeros((), dtype=torch.float32)
         for index, (pair, loss_fn) in enumerate(zip(self.pairs, self._feature_losses)):
@@ -318,8 +395,16 @@ class Distiller(nn.Module):
             ce = losses.cross_entropy(student_logits, labels, self.ignore_index)
         else:
             ce = student_logits.new_zeros((), dtype=torch.float32)
-        total = self.beta * (self.alpha * response + feature) + ce
-        out = {"loss": total, "ce": ce, "response": response, "feature": feature, **out, "logits": student_logits}
+        if self.alpha == 0:  # a zero-weight response must not reach the loss (0 · NaN is NaN)
+            total = self.beta * feature + ce
+            if labels is None:
+                # The logits are in no weighted term: keep them in the graph with weight 0, so every
+                # student parameter gets a gradient and DDP does not fail on "unused parameters".
+                total = total + student_logits.float().sum() * 0.0
+        else:
+            total = self.beta * (self.alpha * response + feature) + ce
+        head = {"loss": total, "ce": ce} if response is None else {"loss": total, "ce": ce, "response": response}
+        out = {**head, "feature": feature, **out, "logits": student_logits}
         if self.check_finite and not bool(torch.isfinite(total)):
             raise _non_finite(out)
         return out

@@ -140,6 +140,10 @@ def shrink(
     keeps those. ``path`` names the list of blocks when it cannot be found (``find_layers``).
     The teacher is not changed. ``config.num_hidden_layers`` of a Hugging Face model is updated,
     so ``save_pretrained``/``from_pretrained`` round-trip the student.
+
+    The student comes out ready to train whatever state the teacher is in: every parameter has
+    ``requires_grad=True``, it is in train mode (dropout on), and it carries none of the
+    teacher's forward/backward hooks (pre-hooks included).
     """
     path, kept = shrink_plan(teacher, every=every, layers=layers, path=path)
     blocks = teacher.get_submodule(path)
@@ -160,8 +164,28 @@ def shrink(
         config.num_hidden_layers = len(kept)
         if isinstance(getattr(config, "layer_types", None), list):  # per-block settings of newer models
             config.layer_types = [config.layer_types[i] for i in kept]
-    student.train(teacher.training)
+    # A teacher is usually frozen and in eval mode (a Distiller leaves it so; Hugging Face models
+    # load in eval): the copy must come out as a student, trainable, with dropout on, and without
+    # the forward hooks of whoever observes the teacher (they would fire into the teacher's recorder).
+    student.requires_grad_(True)
+    student.train()
+    for module in student.modules():
+        for hooks in _HOOK_DICTS:
+            if isinstance(getattr(module, hooks, None), dict):
+                getattr(module, hooks).clear()
     return Shrunk(student, path, kept)
+
+
+# The per-module hook tables of ``nn.Module`` that ``copy.deepcopy`` copies along with a module.
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
 
 
 def check_vocabularies(teacher: nn.Module, student: nn.Module) -> None:
