@@ -7,17 +7,21 @@ same initial weights, with the same budget, batches and augmentation:
 * ``response``: response distillation, the defaults;
 * ``response + feature``: the same plus one feature pair (``--pair student:teacher``).
 
-One teacher serves all seeds (trained once, cached). Reported: mean ± std of last-epoch test
-accuracy and of the test accuracy at the best *validation* epoch, the paired difference to the
-baseline, wins per seed, the share of the teacher–baseline gap closed, and wall time — and the
-same paired difference on the *validation* split, which is the only number any choice of settings
-may be based on (the test columns are read once, after choosing).
+One teacher serves all seeds (trained once, cached; ``teacher.epochs`` pinned to 20, the budget of
+every committed table, unless ``--set`` says otherwise). Reported: mean ± sample std (n − 1) of
+last-epoch test accuracy and of the test accuracy at the best *validation* epoch, the paired
+difference to the baseline with its 95 % Student-t interval, wins per seed, the share of the
+teacher–baseline gap closed, and wall time — and the same paired difference on the *validation*
+split, which is the only number any choice of settings may be based on (the test columns are read
+once, after choosing).
 
     .venv/bin/python benchmarks/quality.py --seeds 5                       # mnist5k, ~15 min
     .venv/bin/python benchmarks/quality.py --seeds 5 --dataset digits      # ~3 min
     .venv/bin/python benchmarks/quality.py --set distill.temperature=2     # any config override
     .venv/bin/python benchmarks/quality.py --arms response --cache-dir /tmp/kd  # skip the feature arm,
                                                                       # keep the teacher for next time
+    .venv/bin/python benchmarks/quality.py --from-json benchmarks/results/quality-mnist5k.json
+                                                # no training: rewrite a result's summary and table
 """
 
 from __future__ import annotations
@@ -36,7 +40,12 @@ from kdistill.config import load_config
 from kdistill.data import load_data
 from kdistill.models import load_weights
 from kdistill.pipeline import build_pair, cached_teacher_path, run
+from kdistill.report import paired_difference
 from kdistill.trainer import evaluate
+
+# The teacher budget of every committed table (benchmarks/results/quality-*.json): pinned, so that
+# the commands in docs/quality.md reproduce them whatever the config's default teacher budget is.
+TEACHER_EPOCHS = 20
 
 
 def main() -> None:
@@ -50,13 +59,25 @@ def main() -> None:
         "--arms", default="response,feature", help="distilled arms to run: response, feature or both (default)"
     )
     parser.add_argument("--cache-dir", default=None, help="teacher/cache directory to reuse across studies")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        default=None,
+        help="train nothing: rewrite the summary and the table of this results file from its per-seed runs",
+    )
     args = parser.parse_args()
+    if args.from_json is not None:
+        result = json.loads(args.from_json.read_text())
+        result["summary"] = summarise(result)
+        text = table(result)
+        path = write_tables(args.from_json.stem, result, text, args.from_json.parent)
+        print(text)
+        print(f"wrote {path}")
+        return
     student_layer, teacher_layer = args.pair.split(":")
     workdir = Path(tempfile.mkdtemp(prefix="kdistill-quality-"))
     cache_dir = args.cache_dir or workdir / "cache"
-    overrides = [f"data.dataset={args.dataset}", f"cache_dir={cache_dir}", *args.set]
-    if args.dataset == "digits":  # 8×8 images: two pooling stages for both models
-        overrides += ["teacher.args={channels: [32, 64]}", "student.args={channels: [8, 16]}"]
+    overrides = study_overrides(args.dataset, str(cache_dir), args.set)
     arms = {arm.strip() for arm in args.arms.split(",")}
     if not arms or arms - {"response", "feature"}:
         parser.error(f"--arms: expected response, feature or both, got {args.arms!r}")
@@ -69,9 +90,11 @@ def main() -> None:
     runs: dict[str, list[dict]] = {"baseline": [], **{name: [] for name in variants}}
     seconds: dict[str, float] = {name: 0.0 for name in runs}
     teacher_accuracy = teacher_validation = None
+    teacher_epochs = TEACHER_EPOCHS
     for seed in range(args.seeds):
         for name, extra in variants.items():
             config = load_config(_demo_config_path(), [*overrides, f"train.seed={seed}", *extra])
+            teacher_epochs = config.teacher.epochs
             out = workdir / f"{name.replace(' ', '')}-{seed}"
             started = time.perf_counter()
             report = run(config, out, log=lambda line: None)
@@ -86,41 +109,32 @@ def main() -> None:
                 time.perf_counter() - started - (phase_seconds(out / "baseline") if "baseline" in report else 0)
             )
             print(f"seed {seed} {name}: {runs[name][-1]}  baseline: {runs['baseline'][-1]}", flush=True)
-    table = summarise(runs, teacher_accuracy, teacher_validation, seconds)
     result = {
         "machine": machine(),
         "dataset": args.dataset,
         "seeds": args.seeds,
-        "overrides": overrides[2:],
+        # what differs from the demo config besides the pinned teacher budget (recorded apart)
+        "overrides": [o for o in overrides[2:] if o != f"teacher.epochs={TEACHER_EPOCHS}"],
+        "teacher_epochs": teacher_epochs,
         "teacher_accuracy": teacher_accuracy,
         "teacher_validation_accuracy": teacher_validation,
         "runs": runs,
-        "summary": table,
+        "seconds": seconds,
     }
-    lines = [
-        f"`{args.dataset}`, {args.seeds} seeds, teacher {100 * teacher_accuracy:.2f} % test, "
-        f"{100 * teacher_validation:.2f} % validation (overrides: {', '.join(overrides[2:]) or 'none'})",
-        "",
-        "| variant | last epoch | best-validation epoch | Δ vs baseline (last) | wins | gap closed "
-        "| validation: last | Δ | gap closed | wall s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for name, row in table.items():
-        lines.append(
-            f"| {name} | {row['last']} | {row['best']} | {row.get('delta', '—')} | {row.get('wins', '—')} "
-            f"| {row.get('gap_closed', '—')} | {row['validation']} | {row.get('validation_delta', '—')} "
-            f"| {row.get('validation_gap_closed', '—')} | {row['seconds']:.0f} |"
-        )
-    lines += [
-        "",
-        "Accuracies are percentages, mean ± std over seeds; Δ is the paired difference. The best epoch is "
-        "chosen on the validation split, never on the test split; the validation columns are what choices "
-        "are made on.",
-        "",
-    ]
-    path = write_tables(args.name or f"quality-{args.dataset}", result, "\n".join(lines))
-    print("\n".join(lines))
+    result["summary"] = summarise(result)
+    text = table(result)
+    path = write_tables(args.name or f"quality-{args.dataset}", result, text)
+    print(text)
     print(f"wrote {path}")
+
+
+def study_overrides(dataset: str, cache_dir: str, sets: list[str]) -> list[str]:
+    """The config overrides of every variant: the dataset and cache first, then the pinned teacher
+    budget, then the user's ``--set`` (which may change it), then the small-image models for ``digits``."""
+    overrides = [f"data.dataset={dataset}", f"cache_dir={cache_dir}", f"teacher.epochs={TEACHER_EPOCHS}", *sets]
+    if dataset == "digits":  # 8×8 images: two pooling stages for both models
+        overrides += ["teacher.args={channels: [32, 64]}", "student.args={channels: [8, 16]}"]
+    return overrides
 
 
 def epoch_records(directory: Path) -> list[dict]:
@@ -152,32 +166,107 @@ def phase_seconds(directory: Path) -> float:
     return float(json.loads((directory / "done.json").read_text())["seconds"])
 
 
-def summarise(
-    runs: dict[str, list[dict]], teacher: float, teacher_validation: float, seconds: dict[str, float]
-) -> dict[str, dict]:
-    def mean_std(values: list[float]) -> str:
-        spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{100 * statistics.mean(values):.2f} ± {100 * spread:.2f}"
-
-    table = {}
+def summarise(result: dict) -> dict[str, dict]:
+    """Per variant: mean and sample std (n − 1) of each split's accuracy, and for the distilled arms
+    the paired difference to the baseline (``paired_difference``: mean, std, 95 % t interval, wins)
+    with the share of the teacher–baseline gap it closes, on test (``delta``) and validation.
+    Works on older results that recorded no validation accuracy (those entries are left out)."""
+    runs = result["runs"]
+    teachers = {"last": result["teacher_accuracy"], "validation": result.get("teacher_validation_accuracy")}
+    summary = {}
     for name, rows in runs.items():
-        row = {
-            "last": mean_std([r["last"] for r in rows]),
-            "best": mean_std([r["best"] for r in rows]),
-            "validation": mean_std([r["validation"] for r in rows]),
-            "seconds": seconds[name],
-        }
+        row: dict = {"seconds": seconds_of(result)[name]}
+        for key in ("last", "best", "validation"):
+            values = [r[key] for r in rows if key in r]
+            if len(values) == len(rows):
+                row[key] = {
+                    "mean": statistics.mean(values),
+                    "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+                }
         if name != "baseline":
-            for key, reference, prefix in (("last", teacher, ""), ("validation", teacher_validation, "validation_")):
-                deltas = [r[key] - b[key] for r, b in zip(rows, runs["baseline"])]
-                gap = reference - statistics.mean(b[key] for b in runs["baseline"])
-                row[f"{prefix}delta"] = (
-                    f"{100 * statistics.mean(deltas):+.2f} ± {100 * statistics.pstdev(deltas):.2f} pp"
-                )
-                row[f"{prefix}gap_closed"] = f"{100 * statistics.mean(deltas) / gap:.0f} %" if gap > 0 else "—"
-            row["wins"] = f"{sum(r['last'] > b['last'] for r, b in zip(rows, runs['baseline']))}/{len(rows)}"
-        table[name] = row
-    return table
+            for key, prefix in (("last", ""), ("validation", "validation_")):
+                if key not in row or teachers[key] is None:
+                    continue
+                baseline = [b[key] for b in runs["baseline"]]
+                delta = paired_difference([r[key] for r in rows], baseline)
+                gap = teachers[key] - statistics.mean(baseline)
+                row[f"{prefix}delta"] = delta
+                row[f"{prefix}gap_closed"] = delta["mean"] / gap if gap > 0 else None
+        summary[name] = row
+    return summary
+
+
+def seconds_of(result: dict) -> dict[str, float]:
+    """Wall seconds per variant (older results kept them only in their summary)."""
+    if "seconds" in result:
+        return result["seconds"]
+    return {name: row["seconds"] for name, row in result["summary"].items()}
+
+
+def table(result: dict) -> str:
+    """The markdown heading, table and notes of one study, from its results (``main``'s or a
+    committed JSON's): test and validation side by side, paired Δ with its 95 % interval."""
+    summary = summarise(result)
+    # Results written before `teacher_epochs` was recorded all used the then-default of 20.
+    validation = result.get("teacher_validation_accuracy")
+    threads = result["machine"]["threads"]
+    heading = (
+        f"`{result['dataset']}`, {result['seeds']} seeds, teacher trained "
+        f"{result.get('teacher_epochs', TEACHER_EPOCHS)} epochs: {100 * result['teacher_accuracy']:.2f} % test, "
+        + (f"{100 * validation:.2f} % validation" if validation is not None else "validation not recorded")
+        + f"; {threads} thread{'s' if threads != 1 else ''} (overrides: {', '.join(result['overrides']) or 'none'})"
+    )
+    lines = [
+        heading,
+        "",
+        "| variant | test: last epoch | best-validation epoch | Δ vs baseline, mean ± sd [95 % interval] | wins "
+        "| gap closed | validation: last epoch | Δ, mean ± sd [95 % interval] | wins | gap closed | wall s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, row in summary.items():
+        cells = [name, mean_sd(row.get("last")), mean_sd(row.get("best"))]
+        for prefix in ("", "validation_"):
+            if prefix:
+                cells.append(mean_sd(row.get("validation")))
+            delta = row.get(f"{prefix}delta")
+            gap = row.get(f"{prefix}gap_closed")
+            cells += [
+                delta_cell(delta),
+                wins_cell(delta),
+                "—" if delta is None or gap is None else f"{100 * gap:.0f} %",
+            ]
+        cells.append(f"{row['seconds']:.0f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "Accuracies are percentages, mean ± sample standard deviation (n − 1) over seeds. Δ is the per-seed "
+        "paired difference to the baseline (same initial weights and batches): mean ± sd and its 95 % interval "
+        "(Student t, n − 1 degrees of freedom); an interval that contains 0 leaves the sign unresolved. Wins "
+        "count the seeds where the arm beat the baseline. The best epoch is chosen on the validation split, "
+        "never on the test split; the validation columns are what choices are made on.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def mean_sd(values: dict | None) -> str:
+    return "—" if values is None else f"{100 * values['mean']:.2f} ± {100 * values['std']:.2f}"
+
+
+def delta_cell(delta: dict | None) -> str:
+    if delta is None:
+        return "—"
+    cell = f"{100 * delta['mean']:+.2f} ± {100 * delta['std']:.2f} pp"
+    if delta["n"] > 1:
+        cell += f" [{100 * delta['low']:+.2f}, {100 * delta['high']:+.2f}]"
+    return cell
+
+
+def wins_cell(delta: dict | None) -> str:
+    if delta is None:
+        return "—"
+    ties = f" ({delta['ties']} tied)" if delta["ties"] else ""
+    return f"{delta['wins']}/{delta['n']}{ties}"
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 """How close is a distillation step to its limits? (issue: speed)
 
 One thread, the demo's models (a 94k-parameter CNN teacher, a 6.3k-parameter student) on the
-real `mnist5k` digits, batch 128, AdamW. Step variants run interleaved in one process:
+real `mnist5k` digits, batch 128, AdamW. Step variants run interleaved in one process, in a shuffled
+order each round, and each round reads a fresh random batch (the same one for every variant): a fixed
+batch would read the same cached rows every time and time a hot cache.
 
 * plain student step (cross-entropy only) — the floor of any distillation step;
 * teacher forward alone;
@@ -13,12 +15,15 @@ of the demo's distillation phase with and without the cache (4 fixed shift views
 cache's size per sample for each storage option.
 
     .venv/bin/python benchmarks/speed.py          # ~2 minutes; writes benchmarks/results/speed.{json,md}
+    .venv/bin/python benchmarks/speed.py --rounds 2 --epoch-rounds 1 --results-dir /tmp/speed   # smoke test
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
+import random
 import tempfile
 import time
 from pathlib import Path
@@ -41,6 +46,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--epoch-rounds", type=int, default=3)
+    parser.add_argument(
+        "--results-dir", type=Path, default=None, help="where to write speed.{json,md} (default benchmarks/results)"
+    )
     args = parser.parse_args()
     single_thread()
     splits = load_data(DataConfig(dataset="mnist5k", augment="none"))
@@ -63,14 +71,22 @@ def main() -> None:
     cache_response = caches["float16, logits only"]
     cache_feature = caches["float16, logits + stage2 feature"]
 
-    batch = 128
-    indices = torch.arange(batch)
-    inputs, labels = splits.train.inputs[indices], splits.train.labels[indices]
+    batch, warmup = 128, 5
+    # A fresh random batch every round, as in training: one fixed batch would read the same 128
+    # cached rows every time (a hot cache) and flatter the cached variants. Round r of every variant
+    # reads batch r; the rows are gathered before timing, as a data loader would have them ready.
+    batches = [
+        (indices, splits.train.inputs[indices], splits.train.labels[indices])
+        for indices in random_batches(len(splits.train), batch, warmup + args.rounds)
+    ]
 
-    def step_fn(model, parameters, **keywords):
+    def step_fn(model, parameters, cached: bool = False):
         optimizer = torch.optim.AdamW(list(parameters), lr=1e-3)
+        rounds = itertools.cycle(batches)
 
         def step() -> None:
+            indices, inputs, labels = next(rounds)
+            keywords = {"indices": indices, "epoch": 0} if cached else {}
             loss = model(inputs, labels, **keywords)["loss"]
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -78,28 +94,29 @@ def main() -> None:
 
         return step
 
+    def forward_fn():
+        rounds = itertools.cycle(batches)
+        return lambda: teacher_forward(teacher, next(rounds)[1])
+
     def distiller(pairs):
-        return Distiller(teacher, copy.deepcopy(student), pairs, sample_input=inputs[:2])
+        return Distiller(teacher, copy.deepcopy(student), pairs, sample_input=splits.train.inputs[:2])
 
     plain = Supervised(copy.deepcopy(student))
     live, live_feature = distiller([]), distiller(PAIR)
     cached, cached_feature = distiller([]), distiller(PAIR)
     variants = {
         "plain student step": step_fn(plain, plain.parameters()),
-        "teacher forward": lambda: teacher_forward(teacher, inputs),
+        "teacher forward": forward_fn(),
         "live, response": step_fn(live, live.trainable_parameters()),
         "cached, response": step_fn(
-            CachedDistillation(cached, cache_response), cached.trainable_parameters(), indices=indices, epoch=0
+            CachedDistillation(cached, cache_response), cached.trainable_parameters(), cached=True
         ),
         "live, response + feature": step_fn(live_feature, live_feature.trainable_parameters()),
         "cached, response + feature": step_fn(
-            CachedDistillation(cached_feature, cache_feature),
-            cached_feature.trainable_parameters(),
-            indices=indices,
-            epoch=0,
+            CachedDistillation(cached_feature, cache_feature), cached_feature.trainable_parameters(), cached=True
         ),
     }
-    times = interleave(variants, rounds=args.rounds, warmup=5)
+    times = interleave(variants, rounds=args.rounds, warmup=warmup)
     rows = {name: summary(seconds, batch) for name, seconds in times.items()}
     ms = {name: row["median_ms"] for name, row in rows.items()}
     ratios = {
@@ -146,9 +163,16 @@ def main() -> None:
         f"{result['machine']['load_average'][0]} on a {result['machine']['cpus']}-core shared machine.",
         "",
     ]
-    path = write_tables("speed", result, "\n".join(lines))
+    path = write_tables("speed", result, "\n".join(lines), args.results_dir)
     print("\n".join(lines))
     print(f"wrote {path}")
+
+
+def random_batches(samples: int, batch: int, count: int, seed: int = 0) -> list[torch.Tensor]:
+    """``count`` batches of ``batch`` distinct sample indices in ``[0, samples)``, each drawn afresh
+    (seeded, so a rerun times the same rows)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randperm(samples, generator=generator)[:batch] for _ in range(count)]
 
 
 @torch.no_grad()
@@ -162,8 +186,10 @@ def demo_epochs(teacher, student, splits, workdir: Path, rounds: int) -> dict[st
     cache = TeacherCache.build(workdir / "views", teacher, splits.train, augment=views, progress=False)
     config = TrainConfig(epochs=1)
     seconds: dict[str, list[float]] = {"live teacher": [], "cached teacher": []}
+    order, shuffler = list(seconds), random.Random(0)
     for _ in range(rounds):
-        for name in seconds:
+        shuffler.shuffle(order)  # neither variant always runs first (see timing.interleave)
+        for name in order:
             distiller = Distiller(teacher, copy.deepcopy(student), sample_input=splits.train.inputs[:2])
             model = CachedDistillation(distiller, cache) if name == "cached teacher" else distiller
             trainer = Trainer(model, distiller.trainable_parameters(), splits.train, config, augment=views)

@@ -1,7 +1,8 @@
 """Interleaved timing shared by the benchmark scripts (see ../shared/docs/measuring.md).
 
-Variants run A, B, C, A, B, C, ... in one process so that machine noise hits all
-of them alike; we report the median and p10/p90 of each and ratios of medians.
+Variants run round by round in one process (A, C, B, then B, A, C, ...: every variant once per
+round, in a freshly shuffled order) so that machine noise hits all of them alike and no variant
+always runs right after the same one; we report the median and p10/p90 of each and ratios of medians.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -23,17 +25,24 @@ def single_thread() -> None:
     torch.set_num_threads(1)
 
 
-def interleave(variants: dict[str, Callable[[], object]], rounds: int, warmup: int = 3) -> dict[str, list[float]]:
-    """Seconds per call of each variant, measured round-robin ``rounds`` times."""
-    for _ in range(warmup):
-        for fn in variants.values():
-            fn()
+def interleave(
+    variants: dict[str, Callable[[], object]], rounds: int, warmup: int = 3, seed: int = 0
+) -> dict[str, list[float]]:
+    """Seconds per call of each variant: ``warmup`` untimed rounds, then ``rounds`` timed ones.
+
+    Each round calls every variant once, in an order shuffled afresh (seeded, so a rerun repeats
+    it): whichever variant follows a large one inherits its cache and allocator state, so no
+    variant may always hold the same place."""
+    order = list(variants)
+    shuffler = random.Random(seed)
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for _ in range(rounds):
-        for name, fn in variants.items():
+    for round_index in range(warmup + rounds):
+        shuffler.shuffle(order)
+        for name in order:
             start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
+            variants[name]()
+            if round_index >= warmup:
+                times[name].append(time.perf_counter() - start)
     return times
 
 

@@ -7,6 +7,7 @@ logits and compares them with the first one (the teacher).
 from __future__ import annotations
 
 import json
+import math
 import random
 import statistics
 import time
@@ -105,6 +106,7 @@ def measure(
             entry["agreement"] = float((predicted[name] == predicted["teacher"]).float().mean())
         report[name] = entry
     report["ratios"] = ratios(report)
+    report["warnings"] = accuracy_warnings(report)
     report["evaluated_on"] = {
         "samples": len(test),
         "latency_batch": 1,
@@ -130,9 +132,66 @@ def ratios(report: Mapping[str, Any]) -> dict[str, float | None]:
 
 def gap_closed(teacher: float, baseline: float, student: float) -> float | None:
     """``(student − baseline) / (teacher − baseline)``: the share of the teacher–baseline accuracy
-    gap that distillation closed (None when the baseline already matches the teacher)."""
+    gap that distillation closed (None when the baseline already matches or beats the teacher)."""
     gap = teacher - baseline
     return (student - baseline) / gap if gap > 0 else None
+
+
+def accuracy_warnings(report: Mapping[str, Any]) -> list[str]:
+    """One sentence for each model that outscores its teacher on the test set.
+
+    A student (or the baseline) that beats its teacher means the teacher is not the ceiling this
+    comparison assumes: most often it was under-trained, and a distilled student then learns a
+    weaker target than the data allows."""
+    teacher = report["teacher"]["accuracy"]
+    return [
+        f"the {role} ({100 * report[role]['accuracy']:.2f} %) outscores its teacher ({100 * teacher:.2f} %): "
+        "the teacher is probably under-trained; give it a longer budget (teacher.epochs) or bring a "
+        "stronger one (teacher.weights)."
+        for role in ROLES[1:]
+        if role in report and report[role]["accuracy"] > teacher
+    ]
+
+
+def binomial_half_width(accuracy: float, samples: int, z: float = 1.96) -> float:
+    """Half-width ``z · sqrt(p (1 − p) / n)`` of the interval of an accuracy ``p`` measured on
+    ``n = samples`` independent test samples: 95 % at the default ``z``, the binomial standard
+    error itself at ``z = 1`` (normal approximation; 0 at p = 0 or 1, where it understates the
+    true uncertainty)."""
+    return z * math.sqrt(accuracy * (1 - accuracy) / samples)
+
+
+def t_quantile(degrees_of_freedom: int, confidence: float = 0.95) -> float:
+    """The two-sided Student-t quantile ``t((1 + confidence) / 2, df)``: 2.776 for df = 4 at 95 %."""
+    # scipy is installed with scikit-learn (a dependency, for the `digits` data); imported here
+    # so that a plain `import kdistill` does not pay for it.
+    from scipy.stats import t
+
+    return float(t.ppf((1 + confidence) / 2, degrees_of_freedom))
+
+
+def paired_difference(values: list[float], reference: list[float], confidence: float = 0.95) -> dict[str, float]:
+    """Summary of the per-seed differences ``values[i] − reference[i]`` (two arms that share each
+    seed's initial weights and batches): ``mean``, ``std`` (the sample standard deviation, n − 1),
+    the Student-t interval ``low``/``high`` = mean ∓ ``half_width`` (n − 1 degrees of freedom; NaN
+    for a single seed), ``n``, and the seeds on which ``values`` was higher (``wins``) or equal (``ties``)."""
+    if len(values) != len(reference) or not values:
+        raise ValueError(f"paired_difference: {len(values)} values against {len(reference)} references")
+    deltas = [v - r for v, r in zip(values, reference)]
+    n = len(deltas)
+    mean = statistics.mean(deltas)
+    std = statistics.stdev(deltas) if n > 1 else 0.0
+    half_width = t_quantile(n - 1, confidence) * std / math.sqrt(n) if n > 1 else math.nan
+    return {
+        "mean": mean,
+        "std": std,
+        "half_width": half_width,
+        "low": mean - half_width,
+        "high": mean + half_width,
+        "n": n,
+        "wins": sum(d > 0 for d in deltas),
+        "ties": sum(d == 0 for d in deltas),
+    }
 
 
 def markdown(report: Mapping[str, Any], title: str = "Compression report", plots: list[str] = ()) -> str:
@@ -164,20 +223,26 @@ def markdown(report: Mapping[str, Any], title: str = "Compression report", plots
         verdict = (
             f"closed **{100 * closed:.0f} %** of the teacher–baseline gap"
             if closed is not None
-            else ("had no gap to close (the baseline matches the teacher)")
+            else "had no gap to close (the baseline already matches or beats the teacher)"
         )
         lines += [
             "",
             f"Distillation moved the student from {100 * b:.2f} % (trained alone, same budget) to "
             f"{100 * s:.2f} % ({100 * (s - b):+.2f} pp; teacher {100 * t:.2f} %): it {verdict}.",
         ]
+    lines += [line for warning in accuracy_warnings(report) for line in ("", f"**Warning:** {warning}")]
     e = report.get("evaluated_on", {})
     if e:
+        # The noise of one run's accuracy, at the student's measured accuracy on this many samples:
+        # differences between the rows smaller than this are not resolved by one run.
+        p = report["student"]["accuracy"]
+        se = binomial_half_width(p, e["samples"], z=1.0)
         lines += [
             "",
-            f"Measured on {e['samples']} test samples, {e['device']}, {e['threads']} thread; latency is the "
+            f"Measured on {e['samples']:,} test samples, {e['device']}, {e['threads']} thread; latency is the "
             f"median of interleaved runs at batch 1, throughput at batch {e['throughput_batch']}. "
-            "A single run on a small test set carries noise of about ±0.6 pp.",
+            f"At {100 * p:.2f} % on this many samples one run's accuracy has a binomial standard error of "
+            f"{100 * se:.2f} pp: its 95 % interval is ±{100 * 1.96 * se:.2f} pp.",
         ]
     for plot in plots:
         lines += ["", f"![{Path(plot).stem}]({plot})"]
