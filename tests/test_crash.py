@@ -1,4 +1,5 @@
-"""SIGKILL at any point loses nothing: the checkpoint stays readable, and --resume ends bit-identical."""
+"""SIGKILL (or Ctrl-C) at any point loses nothing: checkpoints stay readable, --resume ends bit-identical,
+and resuming a finished run changes none of its weights."""
 
 from __future__ import annotations
 
@@ -44,17 +45,25 @@ def final_weights(run):
     "kill_at",
     [
         "step:5",  # teacher training, first epoch
-        "checkpoint:2",  # the teacher's first checkpoint (write 1 is config.yaml)
+        "checkpoint:2",  # the teacher's first best-weights write (write 1 is config.yaml)
         "step:40",  # baseline, mid-epoch
-        "evaluate:4",  # the baseline's first evaluation
-        "checkpoint:9",  # a checkpoint write in the distillation phase
+        "evaluate:4",  # the baseline's second evaluation
+        "checkpoint:9",  # the trained teacher's write into the cache of teachers
+        "cache:2",  # the teacher-output cache build
+        "cache:2:INT",  # Ctrl-C during the teacher-output cache build
+        "step:60",  # the first distillation epoch
+        "checkpoint:18",  # the distillation phase's first best-weights write
+        "checkpoint:19",  # the distillation phase's first checkpoint
         "step:75",  # distillation, mid-epoch
+        "checkpoint:25",  # the trained adapters' write
+        "report:1",  # every phase finished (done.json written), before the report: resume a finished run
     ],
 )
 def test_sigkill_then_resume_is_bit_identical(reference, tmp_path, kill_at):
     run, cache = tmp_path / "run", tmp_path / "cache"
     killed = train(run, cache, kill_at=kill_at)
-    assert killed.returncode == -signal.SIGKILL, (kill_at, killed.returncode, killed.stderr[-500:])
+    expected = 130 if kill_at.endswith(":INT") else -signal.SIGKILL
+    assert killed.returncode == expected, (kill_at, killed.returncode, killed.stderr[-500:])
     for checkpoint in run.glob("*/checkpoint.pt"):
         torch.load(checkpoint, weights_only=True)  # never torn
     resumed = train(run, cache, "--resume")

@@ -40,10 +40,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"kdistill: error (rank {_rank()}): {error}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
-        hint = ""
-        if getattr(args, "command", None) in ("train", "demo"):
-            hint = f"; resume with: kdistill {' '.join(shlex.quote(a) for a in _resume_argv(argv))}"
-        print(f"kdistill: interrupted, the last checkpoint is kept{hint}", file=sys.stderr)
+        if getattr(args, "command", None) not in ("train", "demo"):
+            print("kdistill: interrupted", file=sys.stderr)
+        elif _run_started(args, argv):
+            resume = "kdistill " + " ".join(shlex.quote(a) for a in _resume_argv(argv))
+            print(f"kdistill: interrupted, the last checkpoint is kept; resume with: {resume}", file=sys.stderr)
+        else:
+            print("kdistill: interrupted before the run started; nothing was written", file=sys.stderr)
         return EXIT_INTERRUPTED
     except OSError as error:
         print(f"kdistill: error: {error.strerror or error}: {error.filename or ''}".rstrip(": "), file=sys.stderr)
@@ -62,6 +65,15 @@ def _rank() -> int:
     from kdistill.distributed import world
 
     return world().rank
+
+
+def _run_started(args: argparse.Namespace, argv: list[str]) -> bool:
+    """Has this command's run written its config (so that ``--resume`` can continue it)?"""
+    out = getattr(args, "resolved_out", None)
+    config = out / "config.yaml" if out is not None else None
+    if config is None or not config.exists():
+        return False
+    return "--resume" in argv or config.stat().st_mtime >= args.started_at  # not an earlier run's
 
 
 def _resume_argv(argv: list[str]) -> list[str]:
@@ -161,6 +173,7 @@ def _run(config: Any, args: argparse.Namespace, title: str) -> int:
 
     place = setup_from_environment()  # under torchrun: join the process group (gloo on CPU, NCCL on CUDA)
     out = Path(args.out or config.out)
+    args.resolved_out, args.started_at = out, time.time()
     config = dataclasses.replace(config, out=str(out))
     quiet = args.quiet or not place.is_main
     log = (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
@@ -192,6 +205,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         return 0
     if args.seq_len < 1:
         raise KDistillError(f"inspect: --seq-len must be ≥ 1, got {args.seq_len}")
+    if args.classes < 1:
+        raise KDistillError(f"inspect: --classes must be ≥ 1, got {args.classes}")
     if args.config:
         from kdistill.config import load_config
         from kdistill.data import load_data
@@ -236,7 +251,16 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             f"{role}: {name} {yaml.safe_dump(model_args, default_flow_style=True).strip()}  "
             f"({total:,} parameters, input {'×'.join(map(str, shape))}{' ' + unit if unit else ''})"
         )
-        print(format_layers(trace_layers(model, sample), args.depth))
+        try:
+            layers = trace_layers(model, sample)
+        except KDistillError:
+            raise
+        except (RuntimeError, ValueError, TypeError, IndexError) as error:  # torch's shape errors, failed allocations
+            first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+            raise KDistillError(
+                f"inspect: the {role} {name} cannot run on inputs of shape {'×'.join(map(str, shape))}: {first}"
+            ) from None
+        print(format_layers(layers, args.depth))
         print()
     if "student" in models:
         from kdistill.pipeline import proposed_pairs
@@ -260,6 +284,17 @@ def _shape(text: str) -> tuple[int, ...]:
         raise KDistillError(f"--input-shape {text!r}: expected integers like 1,28,28") from None
     if not shape or any(s < 1 for s in shape):
         raise KDistillError(f"--input-shape {text!r}: expected positive integers like 1,28,28")
+    import math
+
+    from kdistill.data import available_memory, format_bytes
+
+    # inspect runs the model on two such inputs; its layers' outputs take several times as much again.
+    needed, available = 2 * 4 * math.prod(shape), available_memory()
+    if 8 * needed > available:
+        raise KDistillError(
+            f"--input-shape {text!r}: the two probe inputs alone take {format_bytes(needed)} and the layers' "
+            f"outputs several times that, with {format_bytes(available)} of memory available; use a smaller shape"
+        )
     return shape
 
 
@@ -292,8 +327,23 @@ def _load_run(run_dir: str) -> tuple[Any, Any, Any, Any]:
     return config, splits, teacher, student
 
 
-def _student_weights(run_dir: str, weights: str | None) -> Path:
-    return Path(weights) if weights else Path(run_dir) / "distill" / "student.safetensors"
+def _student_weights(run_dir: str, weights: str | None, command: str) -> Path:
+    """``--weights``, else the run's distilled student — which only a finished run has."""
+    if weights:
+        return Path(weights)
+    _require_finished(run_dir, command, "or pass --weights FILE to use a file of your choice")
+    return Path(run_dir) / "distill" / "student.safetensors"
+
+
+def _require_finished(run_dir: str, command: str, alternative: str = "") -> None:
+    from kdistill.rundir import unfinished
+
+    missing = unfinished(Path(run_dir))
+    if missing:
+        raise KDistillError(
+            f"{command}: the run in {run_dir} is unfinished ({missing}); finish it with `kdistill train ... "
+            f"--out {run_dir} --resume`{', ' + alternative if alternative else ''}"
+        )
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -301,7 +351,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from kdistill.trainer import evaluate
 
     config, splits, _, student = _load_run(args.run)
-    load_weights(student, _student_weights(args.run, args.weights), "student")
+    load_weights(student, _student_weights(args.run, args.weights, "eval"), "student")
     data = {"test": splits.test, "validation": splits.validation, "train": splits.train}[args.split]
     if data is None:
         raise KDistillError(f"the run has no {args.split} split (data.validation_fraction is 0)")
@@ -314,10 +364,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     from kdistill.models import load_weights
     from kdistill.pipeline import teacher_weights_path
     from kdistill.report import markdown, measure, write_report
+    from kdistill.rundir import RunLock
 
+    _require_finished(args.run, "report")
     config, splits, teacher, student = _load_run(args.run)
     run_dir = Path(args.run)
-    load_weights(teacher, teacher_weights_path(config, run_dir), "teacher")
+    lock = RunLock(run_dir, "report")  # it writes into the run: not while a training process works there
+    load_weights(teacher, teacher_weights_path(config, run_dir, splits), "teacher")
     models = {"teacher": teacher}
     if (run_dir / "baseline" / "student.safetensors").exists():
         import copy
@@ -330,6 +383,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     report = measure(models, splits.test, batch_size=config.data.eval_batch_size)
     histories = {name: run_dir / name / "metrics.jsonl" for name in ("baseline", "distill")}
     write_report(run_dir, report, histories, title=f"kdistill report: {splits.name}")
+    lock.release()
     print(markdown(report).split("\n", 2)[2].strip())
     return 0
 
@@ -339,7 +393,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from kdistill.models import load_weights
 
     _, splits, _, student = _load_run(args.run)
-    load_weights(student, _student_weights(args.run, args.weights), "student")
+    load_weights(student, _student_weights(args.run, args.weights, "export"), "student")
     out = Path(args.out) if args.out else Path(args.run) / "export" / f"student.{args.format}"
     if args.format == "onnx":
         if splits.test.is_text:

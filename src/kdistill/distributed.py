@@ -40,15 +40,23 @@ def world() -> World:
     return World()
 
 
+def backend_for(cuda: bool) -> str:
+    """The process group's backends: gloo for CPU tensors always, NCCL for CUDA tensors when there
+    is CUDA. kdistill's own collectives (logged means, stop flags, the teacher broadcast, object
+    broadcasts) run on CPU tensors, and NCCL cannot carry those: with one backend per device type
+    each collective goes to the backend of its tensors' device."""
+    return "cpu:gloo,cuda:nccl" if cuda else "gloo"
+
+
 def setup_from_environment() -> World:
-    """Join the process group that ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1):
-    NCCL on CUDA, gloo on CPU. A plain single process returns at once."""
+    """Join the process group that ``torchrun`` describes in the environment (``WORLD_SIZE`` > 1)
+    with :func:`backend_for`. A plain single process returns at once."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or (dist.is_available() and dist.is_initialized()):
         return world()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    if backend == "nccl":
+    cuda = torch.cuda.is_available()
+    if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend=backend)
+    dist.init_process_group(backend=backend_for(cuda))
     return world()
 
 
@@ -90,20 +98,30 @@ def from_main(module: torch.nn.Module, place: World) -> None:
             dist.broadcast(tensor, src=0)
 
 
+def main_value(value, place: World):
+    """Rank 0's ``value`` (any picklable object) on every rank: decisions such as early stopping
+    are taken once, from rank 0's numbers, so that no rank can leave a loop the others stay in."""
+    if not place.distributed:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def barrier(place: World) -> None:
     if place.distributed:
         dist.barrier()
 
 
 def on_main(place: World, action, *args, **kwargs):
-    """Run ``action`` on rank 0 only; every rank then raises rank 0's user error, if any, so
-    that no rank waits forever for one that failed."""
+    """Run ``action`` on rank 0 only and return its result there (None on the other ranks); every
+    rank then raises rank 0's user error, if any, so that no rank waits forever for one that failed."""
     from kdistill.errors import KDistillError
 
-    message = None
+    message, result = None, None
     if place.is_main:
         try:
-            action(*args, **kwargs)
+            result = action(*args, **kwargs)
         except KDistillError as error:
             message = str(error)
     if place.distributed:
@@ -114,3 +132,4 @@ def on_main(place: World, action, *args, **kwargs):
         error = KDistillError(message)
         error.from_main = True  # every rank raises it: the command line says it once
         raise error
+    return result

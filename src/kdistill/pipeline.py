@@ -17,7 +17,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,21 +25,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdistill import distributed
+from kdistill import distributed, faults
 from kdistill.cache import CachedDistillation, TeacherCache, fingerprint
 from kdistill.checkpoint import atomic_write, save_weights
-from kdistill.config import Config, PairConfig, dump_config, from_dict, read_yaml, to_dict
-from kdistill.data import Inputs, ShiftViews, Splits, load_data, primary
+from kdistill.config import Config, PairConfig, differences, dump_config, from_dict, read_yaml, to_dict
+from kdistill.data import Inputs, ShiftViews, Splits, load_data, primary, splits_digest
 from kdistill.distiller import Distiller, FeaturePair, call_model, default_logits
-from kdistill.errors import ConfigError
+from kdistill.errors import CheckpointError, ConfigError, KDistillError
 from kdistill.layers import propose_pairs
 from kdistill.losses import cross_entropy
 from kdistill.models import build_model, check_model_name, load_weights
 from kdistill.report import measure, write_report
+from kdistill.rundir import RunLock, check_out_path, check_run_dir, move_results_aside
 from kdistill.trainer import Trainer, TrainResult, evaluate, pick_device
 
 Log = Callable[[str], None]
-RESULT_FILES = ("report.json", "config.yaml", "teacher", "baseline", "distill")
 
 
 class Supervised(nn.Module):
@@ -102,42 +101,10 @@ def cache_root(config: Config) -> Path:
     return Path(root)
 
 
-def cached_teacher_path(config: Config) -> Path:
-    """Where a teacher that kdistill trained for this config is kept for later runs."""
-    return cache_root(config) / "teachers" / f"{teacher_cache_key(config)}.safetensors"
-
-
-def prepare_run_dir(out: Path, resume: bool, force: bool) -> None:
-    """Create ``out``; refuse to overwrite earlier results unless resuming or forced."""
-    if resume:
-        if not (out / "config.yaml").exists():
-            raise ConfigError(f"--resume: {out} holds no run to resume (no config.yaml); start it without --resume")
-        return
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"output {out} exists and is not a directory")
-    existing = [name for name in RESULT_FILES if (out / name).exists()]
-    if existing:
-        if not force:
-            raise ConfigError(
-                f"{out} already holds results ({', '.join(existing)}); pass --resume to continue that run, "
-                "--force to replace it, or choose another --out"
-            )
-        for name in existing:
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
-        for name in ("report.md", "plots"):
-            target = out / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as error:
-        raise ConfigError(f"cannot write to output directory {out}: {error.strerror or error}") from None
+def cached_teacher_path(config: Config, splits: Splits | None = None) -> Path:
+    """Where a teacher that kdistill trained for this config and data is kept for later runs
+    (``splits``: the config's data, loaded again when not given)."""
+    return cache_root(config) / "teachers" / f"{teacher_cache_key(config, splits)}.safetensors"
 
 
 def build_pair(config: Config, splits: Splits) -> tuple[nn.Module, nn.Module]:
@@ -226,10 +193,16 @@ def proposed_pairs(
     return propose_pairs(teacher, student, sample)
 
 
-def teacher_cache_key(config: Config) -> str:
-    """Identifies a trained teacher: its model and seed, the data, and the training settings."""
+def teacher_cache_key(config: Config, splits: Splits | None = None) -> str:
+    """Identifies a trained teacher: its model and seed, the data settings *and contents* (files
+    edited at the same path give another teacher), and the training settings. It covers the
+    teacher's architecture by name and arguments, not the code behind them: after editing a
+    model's code, delete the cache (``~/.cache/kdistill/teachers``)."""
+    if splits is None:
+        splits = load_data(config.data)
     identity = {"teacher": to_dict(config.teacher), "data": to_dict(config.data), "train": to_dict(config.train)}
     identity["data"].pop("eval_batch_size", None)
+    identity["data_digest"] = splits_digest(splits)
     for own in ("seed", "epochs", "mixup"):  # the teacher has its own (teacher.seed, .epochs, .mixup)
         identity["train"].pop(own)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
@@ -237,14 +210,16 @@ def teacher_cache_key(config: Config) -> str:
 
 def prepare_teacher(config: Config, teacher: nn.Module, splits: Splits, out: Path, resume: bool, log: Log) -> nn.Module:
     """Load the teacher's weights, or train it on the run's data (and cache it for later runs)."""
-    if config.teacher.weights:
-        load_weights(teacher, config.teacher.weights, "teacher")
+    if config.teacher.weights:  # loaded (and checked) by prepare()
         return teacher
-    cached = cached_teacher_path(config)
+    cached = cached_teacher_path(config, splits)
     if cached.exists():
-        load_weights(teacher, cached, "teacher")
-        log(f"teacher: reusing the one trained before ({cached})")
-        return teacher
+        try:
+            load_weights(teacher, cached, "teacher")
+            log(f"teacher: reusing the one trained before ({cached})")
+            return teacher
+        except CheckpointError as error:  # damaged: kdistill's own cache, so train it again
+            log(f"teacher: {error}; training it again")
     budget = dataclasses.replace(config.train, epochs=config.teacher.epochs, seed=config.teacher.seed)
     log(f"teacher: no weights given; training it for {budget.epochs} epochs (cached in {cached.parent})")
     task = with_mixup(Supervised(teacher), config.teacher.mixup)
@@ -256,7 +231,7 @@ def prepare_teacher(config: Config, teacher: nn.Module, splits: Splits, out: Pat
 
 def make_augment(config: Config, splits: Splits) -> ShiftViews | None:
     if config.data.augment == "shift":
-        return ShiftViews(len(splits.train), views=config.data.augment_views)
+        return ShiftViews(len(splits.train), views=config.data.augment_views, input_shape=splits.input_shape)
     return None
 
 
@@ -299,6 +274,7 @@ def prepare_cache(
         d,
         config.train.device,
         log,
+        setting == "auto",
     )  # rank 0 builds the cache; then every rank reads the whole of it
     return TeacherCache.open(directory, expected)
 
@@ -313,12 +289,19 @@ def build_cache(
     d: Any,
     device: str,
     log: Log,
+    rebuild_damaged: bool = False,
 ) -> None:
-    """Build the cache in ``directory`` unless a valid one is there (a stale explicit one is refused)."""
+    """Build the cache in ``directory`` unless a valid one is there. A stale or damaged cache in a
+    directory the config names is refused; one of kdistill's own (``teacher_cache: auto``) is rebuilt."""
     if (directory / "meta.json").exists():
-        TeacherCache.open(directory, expected)
-        log(f"teacher cache: reusing {directory}")
-        return
+        try:
+            TeacherCache.open(directory, expected)
+            log(f"teacher cache: reusing {directory}")
+            return
+        except KDistillError as error:
+            if not rebuild_damaged:
+                raise
+            log(f"teacher cache: {error}; rebuilding it")
     started = time.perf_counter()
     topk = (d.cache_topk, d.temperature) if d.cache_storage == "topk" else (None, None)
     cache = TeacherCache.build(
@@ -349,8 +332,10 @@ def run_phase(
     out: Path,
     resume: bool,
     log: Log,
+    on_finished: Callable[[], None] | None = None,
 ) -> TrainResult | None:
-    """Train one phase in ``out/name``; a finished phase (``done.json``) is loaded, not repeated."""
+    """Train one phase in ``out/name``; a finished phase (``done.json``) is loaded, not repeated.
+    ``on_finished`` writes what else the phase produced (rank 0, before ``done.json``)."""
     directory = out / name
     weights_name = "teacher" if name == "teacher" else "student"
     done = directory / "done.json"
@@ -379,6 +364,9 @@ def run_phase(
     if result.interrupted:
         raise KeyboardInterrupt
     if distributed.world().is_main:
+        if on_finished is not None:
+            on_finished()
+        faults.reached("finish")
         text = json.dumps(dataclasses.asdict(result), indent=2) + "\n"
         atomic_write(done, lambda path: Path(path).write_text(text))
     model.to("cpu")
@@ -386,32 +374,142 @@ def run_phase(
 
 
 def run(config: Config, out: Path, *, resume: bool = False, force: bool = False, log: Log = print) -> dict[str, Any]:
-    """The whole job; returns the report. See the module docstring for what it writes."""
+    """The whole job; returns the report. See the module docstring for what it writes.
+
+    Everything that can be checked is checked before anything is written or trained: the config,
+    the data, both models, the layers and pair shapes, the losses. Rank 0 then holds the run
+    directory's lock for the whole run; with ``force``, earlier results are moved aside and
+    deleted only once the new run has written its config (they come back if it fails before)."""
     place = distributed.world()
-    distributed.on_main(place, prepare_run_dir, out, resume, force)
-    if resume:
-        saved = from_dict(read_yaml(out / "config.yaml"))
-        if dataclasses.replace(saved, out=config.out) != dataclasses.replace(
-            resolve_like(saved, config), out=config.out
-        ):
-            raise ConfigError(
-                f"--resume: the config differs from the one in {out / 'config.yaml'}; "
-                "resume with the same config (or start a new run)"
-            )
-        config = saved
+    check_out_path(out)
+    lock = distributed.on_main(place, RunLock, out)  # one process per run directory
+    try:
+        distributed.on_main(place, check_run_dir, out, resume, force)
+        if resume:
+            config = saved_config(config, out)
+        prepared = prepare(config, log)
+        replaced = distributed.on_main(place, move_results_aside, out) if force and not resume else None
+        try:
+            if not resume and place.is_main:
+                atomic_write(out / "config.yaml", lambda path: Path(path).write_text(dump_config(prepared.config)))
+        except BaseException:
+            if replaced is not None:
+                replaced.restore()
+            raise
+        if replaced is not None:
+            replaced.discard()  # the new run is underway
+        return train_all(prepared, out, resume, log)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+@dataclasses.dataclass
+class Prepared:
+    """A run's checked ingredients: the resolved config, the data, and the two models."""
+
+    config: Config
+    splits: Splits
+    teacher: nn.Module
+    student: nn.Module
+    sample: Inputs
+
+
+def saved_config(config: Config, out: Path) -> Config:
+    """The config of the run in ``out``, after checking that ``config`` asks for the same run."""
+    path = out / "config.yaml"
+    if not path.exists():
+        raise ConfigError(f"--resume: {out} holds no run to resume (no config.yaml); start it without --resume")
+    saved = from_dict(read_yaml(path))
+    changed = differences(dataclasses.replace(saved, out=config.out), resolve_like(saved, config))
+    if changed:
+        raise ConfigError(
+            f"--resume: {', '.join(changed)} differ{'s' if len(changed) == 1 else ''} from the run in {path}; "
+            "resume with the same config (or start a new run)"
+        )
+    return saved
+
+
+def prepare(config: Config, log: Log) -> Prepared:
+    """Load the data and build both models, then check every name, layer, shape and setting
+    (:func:`check_distillation`) — before anything is written or trained."""
     for model_config in (config.teacher, config.student):  # fail before the (slower) data loading
         check_model_name(model_config.model)
+    check_cache_settings(config)
     splits = load_data(config.data)
     log(
         f"data: {splits.name}: {len(splits.train)} train, {len(splits.validation or [])} validation, "
         f"{len(splits.test)} test samples of shape {splits.input_shape}, {splits.num_classes} classes"
     )
+    pick_device(config.train.device)
     teacher, student = build_pair(config, splits)
+    if config.teacher.weights:
+        load_weights(teacher, config.teacher.weights, "teacher")
     sample = sample_inputs(splits)
     config = resolve_pairs(config, teacher, student, sample, log)
-    if not resume and place.is_main:
-        atomic_write(out / "config.yaml", lambda path: Path(path).write_text(dump_config(config)))
+    check_distillation(config, teacher, student, sample)
+    if config.data.augment == "shift":
+        note = ShiftViews.note(sample)
+        if note:
+            log(note)
+    return Prepared(config, splits, teacher, student, sample)
+
+
+def check_cache_settings(config: Config) -> None:
+    d = config.distill
+    if d.teacher_cache != "off" and d.cache_storage == "topk" and d.response_loss != "kl":
+        raise ConfigError(
+            f"distill.cache_storage: topk keeps only the teacher's top-{d.cache_topk} logits, which supports the kl "
+            f"response loss only, not {d.response_loss!r}; use cache_storage: float16 (or teacher_cache: off)"
+        )
+
+
+def make_distiller(config: Config, teacher: nn.Module, student: nn.Module, sample: Inputs) -> Distiller:
+    """The run's :class:`Distiller`; its adapters are initialised from ``train.seed``, whatever the
+    global RNG went through before (a teacher trained in this run or found cached)."""
+    d = config.distill
+    torch.manual_seed(config.train.seed)
+    return Distiller(
+        teacher,
+        student,
+        [FeaturePair(p.student, p.teacher, p.weight, p.loss) for p in d.feature_pairs],
+        alpha=d.alpha,
+        beta=d.beta,
+        temperature=d.temperature,
+        temperature_squared=d.temperature_squared,
+        response_loss=d.response_loss,
+        sample_input=sample,
+        teacher_dtype={"float32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[d.teacher_precision],
+    )
+
+
+def check_distillation(config: Config, teacher: nn.Module, student: nn.Module, sample: Inputs) -> None:
+    """Build the distiller once on a sample: unknown losses, layers missing from either model and
+    pairs no adapter can map fail here, before any training. Leaves the models and RNG as they were."""
+    state = torch.get_rng_state()
+    trainable = [p.requires_grad for p in teacher.parameters()]
+    was_training = teacher.training, student.training
+    try:
+        with make_distiller(config, teacher, student, sample) as distiller, torch.no_grad():
+            distiller.eval()  # batch-norm statistics untouched
+            distiller(sample)  # one forward of both models through every hook, adapter and loss
+    except (RuntimeError, IndexError, TypeError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"distillation cannot run on a sample batch: {first}") from None
+    finally:
+        torch.set_rng_state(state)
+        for parameter, flag in zip(teacher.parameters(), trainable):  # the distiller froze the teacher
+            parameter.requires_grad_(flag)
+        teacher.train(was_training[0])
+        student.train(was_training[1])
+
+
+def train_all(prepared: Prepared, out: Path, resume: bool, log: Log) -> dict[str, Any]:
+    """Teacher (when it has no weights), baseline, distilled student, report."""
+    place = distributed.world()
+    config, splits, teacher, student = prepared.config, prepared.splits, prepared.teacher, prepared.student
     teacher = prepare_teacher(config, teacher, splits, out, resume, log)
+    teacher.requires_grad_(False)
     distributed.from_main(teacher, place)  # one teacher for all ranks: the one rank 0 saved
     shrunk_student_weights(config, teacher, student)
     log(f"teacher: {100 * evaluate(teacher, splits.test, config.data.eval_batch_size)['accuracy']:.2f} % test accuracy")
@@ -425,22 +523,11 @@ def run(config: Config, out: Path, *, resume: bool = False, force: bool = False,
         models["baseline"] = baseline
 
     student.load_state_dict(initial)
-    d = config.distill
-    pairs = [FeaturePair(p.student, p.teacher, p.weight, p.loss) for p in d.feature_pairs]
-    with Distiller(
-        teacher,
-        student,
-        pairs,
-        alpha=d.alpha,
-        beta=d.beta,
-        temperature=d.temperature,
-        temperature_squared=d.temperature_squared,
-        response_loss=d.response_loss,
-        sample_input=sample,
-        teacher_dtype={"float32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[d.teacher_precision],
-    ) as distiller:
+    with make_distiller(config, teacher, student, prepared.sample) as distiller:
         cache = prepare_cache(config, teacher, distiller, splits, out, log)
         task = CachedDistillation(distiller, cache) if cache is not None else distiller
+        adapters = out / "distill" / "adapters.safetensors"
+        has_adapters = len(distiller.adapters) > 0
         run_phase(
             "distill",
             with_mixup(task, config.train.mixup),
@@ -452,11 +539,12 @@ def run(config: Config, out: Path, *, resume: bool = False, force: bool = False,
             out,
             resume,
             log,
+            # Written before the phase's done.json: a finished phase always has its trained adapters.
+            on_finished=(lambda: save_weights(distiller.adapters.state_dict(), adapters)) if has_adapters else None,
         )
-        if len(distiller.adapters) and place.is_main:
-            save_weights(distiller.adapters.state_dict(), out / "distill" / "adapters.safetensors")
     models["student"] = student
 
+    faults.reached("report")
     log("report: measuring accuracy, size and single-thread latency …")
     if not place.is_main:  # rank 0 measures and writes the report
         return {}
@@ -475,9 +563,9 @@ def resolve_like(saved: Config, given: Config) -> Config:
     return given
 
 
-def teacher_weights_path(config: Config, run_dir: Path) -> Path:
+def teacher_weights_path(config: Config, run_dir: Path, splits: Splits | None = None) -> Path:
     """Where a finished run's teacher weights are: the config's file, the run's own training, or the cache."""
     if config.teacher.weights:
         return Path(config.teacher.weights)
     trained = run_dir / "teacher" / "teacher.safetensors"
-    return trained if trained.exists() else cached_teacher_path(config)
+    return trained if trained.exists() else cached_teacher_path(config, splits)

@@ -37,7 +37,7 @@ from kdistill import distributed, faults
 from kdistill.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint, save_weights
 from kdistill.config import TrainConfig
 from kdistill.data import TensorData, move
-from kdistill.errors import CheckpointError, NonFiniteLossError
+from kdistill.errors import CheckpointError, ConfigError, NonFiniteLossError
 
 CHECKPOINT_FORMAT = 1
 
@@ -54,9 +54,21 @@ class TrainResult:
 
 
 def pick_device(name: str) -> torch.device:
+    """``auto`` → CUDA when there is one, else the CPU; a named device must exist on this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"train.device {name!r} is not a device (use auto, cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"train.device is {name!r} but this machine has no CUDA device; use auto or cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"train.device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise ConfigError(f"train.device is {name!r} but MPS is not available here; use auto or cpu")
+    return device
 
 
 @torch.inference_mode()
@@ -147,7 +159,9 @@ class Trainer:
         self.parameters = [p for p in parameters if p.requires_grad]
         self.optimizer = self._optimizer()
         self.steps_per_epoch = math.ceil(len(train_data) / batch_size)
-        self.total_updates = math.ceil(self.steps_per_epoch * config.epochs / config.accumulate)
+        # Each epoch ends with an update, so a last group shorter than `accumulate` is an update too.
+        self.updates_per_epoch = math.ceil(self.steps_per_epoch / config.accumulate)
+        self.total_updates = self.updates_per_epoch * config.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
@@ -166,7 +180,7 @@ class Trainer:
     def _lr_factor(self, update: int) -> float:
         """Linear warm-up, then cosine to 0, steps of ``step_gamma``, or constant."""
         c = self.config
-        updates_per_epoch = self.steps_per_epoch / c.accumulate
+        updates_per_epoch = self.updates_per_epoch
         warmup = c.warmup_epochs * updates_per_epoch
         if update < warmup:
             return (update + 1) / (warmup + 1)
@@ -174,7 +188,7 @@ class Trainer:
             progress = (update - warmup) / max(1.0, self.total_updates - warmup)
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
         if c.schedule == "step":
-            return c.step_gamma ** int(update / updates_per_epoch // c.step_epochs)
+            return c.step_gamma ** int(update // updates_per_epoch // c.step_epochs)
         return 1.0
 
     def _amp_dtype(self) -> torch.dtype | None:
@@ -213,6 +227,8 @@ class Trainer:
                     if self._stop_requested:
                         break
                     record = {"epoch": epoch + 1, **self._evaluate(), "seconds": time.perf_counter() - started}
+                    # Rank 0's numbers decide the best epoch and early stopping for every rank.
+                    record = distributed.main_value(record, self.world)
                     result.history.append(record)
                     writer.epoch(record, state["update"])
                     stop = self._select(state, record)
@@ -256,43 +272,56 @@ class Trainer:
             if self.augment is not None:
                 inputs = self.augment(inputs, indices, epoch)
             faults.reached("step")
-            out = self._step(move(inputs, self.device), labels.to(self.device), indices, state)
+            closes_group = (index + 1) % c.accumulate == 0 or index + 1 == self.steps_per_epoch
+            lr = self.scheduler.get_last_lr()[0]  # the rate this step's update (if any) uses
+            out = self._step(move(inputs, self.device), labels.to(self.device), indices, state, closes_group)
             scalars = {k: float(v.detach()) for k, v in out.items() if isinstance(v, Tensor) and v.dim() == 0}
             scalars = distributed.mean_over_ranks(scalars, self.world)
             logits = out.get("logits")
             if isinstance(logits, Tensor):
                 running.add_accuracy(logits.detach(), labels.to(self.device))
             running.add_loss(scalars["loss"])
-            lr = self.scheduler.get_last_lr()[0]
             writer.step({"epoch": epoch + 1, "batch": index, "step": state["update"], "lr": lr, **scalars})
             state["batch"] = index + 1
             bar.update(1)
             bar.set_postfix(running.postfix(), refresh=False)
-            self._stop_requested = distributed.any_rank(self._stop_requested, self.world)
-            if self._stop_requested:
-                break
+            # A stop (Ctrl-C) waits for the end of the accumulation group: a checkpoint taken mid-group
+            # would lose the gradients accumulated so far, and the resumed run would differ.
+            if closes_group:
+                self._stop_requested = distributed.any_rank(self._stop_requested, self.world)
+                if self._stop_requested:
+                    break
         bar.close()
 
-    def _step(self, inputs: Tensor, labels: Tensor, indices: Tensor, state: dict[str, Any]) -> Mapping[str, Tensor]:
+    def _step(
+        self, inputs: Tensor, labels: Tensor, indices: Tensor, state: dict[str, Any], closes_group: bool
+    ) -> Mapping[str, Tensor]:
+        """One micro-batch: forward, backward of its share of the group's mean loss, and the
+        optimizer update when it ``closes_group`` (the ``accumulate``-th batch, or the epoch's last)."""
         c = self.config
         autocast = (
             torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
         )
         where = f"at step {state['update']} (epoch {state['epoch'] + 1}); the last good checkpoint is kept"
-        try:
-            with autocast:
-                keywords = {"indices": indices, "epoch": state["epoch"]}
-                out = self.forward_model(inputs, labels, **{k: keywords[k] for k in self.batch_keywords})
-        except NonFiniteLossError as error:  # raised by the Distiller, which names the term
-            raise NonFiniteLossError(f"{error} {where}", term=error.term, step=state["update"]) from None
-        loss = out["loss"]
-        if not torch.isfinite(loss):
-            terms = [k for k, v in out.items() if isinstance(v, Tensor) and v.dim() == 0 and not torch.isfinite(v)]
-            term = next((t for t in terms if t != "loss"), "loss")
-            raise NonFiniteLossError(f"non-finite loss in term {term} {where}", term=term, step=state["update"])
-        self.scaler.scale(loss / c.accumulate).backward()
-        last_of_epoch = state["batch"] + 1 == self.steps_per_epoch
-        if (state["batch"] + 1) % c.accumulate == 0 or last_of_epoch:
+        # DDP: gradients are all-reduced only on the group's last backward.
+        no_sync = self.forward_model.no_sync() if self.world.distributed and not closes_group else nullcontext()
+        with no_sync:
+            try:
+                with autocast:
+                    keywords = {"indices": indices, "epoch": state["epoch"]}
+                    out = self.forward_model(inputs, labels, **{k: keywords[k] for k in self.batch_keywords})
+            except NonFiniteLossError as error:  # raised by the Distiller, which names the term
+                raise NonFiniteLossError(f"{error} {where}", term=error.term, step=state["update"]) from None
+            loss = out["loss"]
+            if not torch.isfinite(loss):
+                terms = [k for k, v in out.items() if isinstance(v, Tensor) and v.dim() == 0 and not torch.isfinite(v)]
+                term = next((t for t in terms if t != "loss"), "loss")
+                raise NonFiniteLossError(f"non-finite loss in term {term} {where}", term=term, step=state["update"])
+            # The group's gradient is the mean over its batches; the epoch's last group may be shorter.
+            group_start = state["batch"] - state["batch"] % c.accumulate
+            group_size = min(c.accumulate, self.steps_per_epoch - group_start)
+            self.scaler.scale(loss / group_size).backward()
+        if closes_group:
             if c.grad_clip is not None:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.parameters, c.grad_clip)
@@ -366,10 +395,17 @@ class Trainer:
         except (RuntimeError, ValueError, KeyError) as error:
             first = str(error).strip().splitlines()[0]
             raise CheckpointError(f"{path}: does not fit this run's models or settings: {first}") from None
-        torch.set_rng_state(payload["rng"]["torch"])
-        if "cuda" in payload["rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
-        return dict(payload["state"]), list(payload["history"])
+        try:
+            torch.set_rng_state(payload["rng"]["torch"])
+            if "cuda" in payload["rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all(payload["rng"]["cuda"])
+            state, history = dict(payload["state"]), list(payload["history"])
+            missing = {"epoch", "batch", "update", "best_accuracy", "best_epoch", "stale"} - set(state)
+            if missing:
+                raise KeyError(sorted(missing)[0])
+        except (RuntimeError, TypeError, ValueError, KeyError) as error:
+            raise CheckpointError(f"{path}: its RNG state or position is damaged ({type(error).__name__})") from None
+        return state, history
 
     # -- Ctrl-C ------------------------------------------------------------------------------
 
