@@ -14,8 +14,9 @@ changes.
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,16 +44,99 @@ def kl_rows(student_logits: Tensor, teacher_logits: Tensor, temperature: float) 
     return _kl_log_space(log_p_teacher, log_p_student)
 
 
-def _kl_log_space(log_p_teacher: Tensor, log_p_student: Tensor) -> Tensor:
-    """``Σ_c P_t (log P_t − log P_s)`` over the last dimension, from log-probabilities."""
-    p_teacher = log_p_teacher.exp()
-    # Where the teacher gives a class probability 0 (a -inf logit), its term is 0, not 0·∞.
-    return torch.where(p_teacher > 0, p_teacher * (log_p_teacher - log_p_student), 0.0).sum(dim=-1)
+def _kl_log_space(log_p: Tensor, log_q: Tensor) -> Tensor:
+    """``KL(P ‖ Q) = Σ_c P (log P − log Q)`` over the last dimension, from log-probabilities."""
+    p = log_p.exp()
+    # Where P gives a class probability 0 (a -inf logit), its term is 0, not 0·∞.
+    return torch.where(p > 0, p * (log_p - log_q), 0.0).sum(dim=-1)
 
 
 def kl_divergence(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
     """``mean_rows KL(P_t ‖ P_s)`` for ``(R, C)`` logits (no ``τ²``; see module doc)."""
     return kl_rows(student_logits, teacher_logits, temperature).mean()
+
+
+# -- the language-model divergences of spec section 6 ------------------------------------------
+# Each takes (R, C) student and teacher logits and τ, works in float32 (float64 stays) log space
+# and returns the mean over rows without τ²; its extra parameter is a keyword, so
+# ``functools.partial(generalized_jsd, beta=0.9)`` is a response loss too.
+
+
+def _log_probabilities(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """``(log P_s, log P_t)``, each ``(R, C)``, with ``P = softmax(z / τ)`` in at least float32."""
+    log_p_student = F.log_softmax(_at_least_float32(student_logits) / temperature, dim=-1)
+    log_p_teacher = F.log_softmax(_at_least_float32(teacher_logits) / temperature, dim=-1)
+    return log_p_student, log_p_teacher
+
+
+def log_mixture(log_p: Tensor, log_q: Tensor, weight: float) -> Tensor:
+    """``log(w·P + (1 − w)·Q)`` from log-probabilities, exact at ``w = 0`` and ``w = 1``."""
+    if weight == 0:
+        return log_q
+    if weight == 1:
+        return log_p
+    # logaddexp never forms w·P + (1 − w)·Q in linear space, so tiny probabilities keep their digits.
+    return torch.logaddexp(log_p + math.log(weight), log_q + math.log1p(-weight))
+
+
+def _check_weight(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{name} must be in [0, 1], got {value!r}")
+
+
+def reverse_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """``mean_rows KL(P_s ‖ P_t)``: the mode-seeking direction (no ``τ²``)."""
+    log_p_student, log_p_teacher = _log_probabilities(student_logits, teacher_logits, temperature)
+    return _kl_log_space(log_p_student, log_p_teacher).mean()
+
+
+def generalized_jsd(student_logits: Tensor, teacher_logits: Tensor, temperature: float, beta: float = 0.5) -> Tensor:
+    """GKD's generalized Jensen–Shannon divergence (Agarwal et al. 2024), mean over rows, no ``τ²``.
+
+    ``JSD_β = β·KL(P_t ‖ M) + (1 − β)·KL(P_s ‖ M)`` with ``M = β·P_t + (1 − β)·P_s``; ``β = 0.5``
+    is the symmetric JSD. Convention at the ends: the formula is identically 0 at ``β = 0`` and
+    ``β = 1``, and ``JSD_β / β → KL(P_t ‖ P_s)`` as ``β → 0``, ``JSD_β / (1 − β) → KL(P_s ‖ P_t)``
+    as ``β → 1``; so, like TRL's ``generalized_jsd_loss``, ``beta=0`` *is* the forward KL
+    ``KL(P_t ‖ P_s)`` and ``beta=1`` the reverse KL ``KL(P_s ‖ P_t)`` (those limits without the
+    vanishing scale), and ``0 < β < 1`` is the formula itself.
+    """
+    _check_weight("the jsd beta", beta)
+    log_p_student, log_p_teacher = _log_probabilities(student_logits, teacher_logits, temperature)
+    if beta == 0:
+        return _kl_log_space(log_p_teacher, log_p_student).mean()
+    if beta == 1:
+        return _kl_log_space(log_p_student, log_p_teacher).mean()
+    log_mix = log_mixture(log_p_teacher, log_p_student, beta)
+    rows = beta * _kl_log_space(log_p_teacher, log_mix) + (1 - beta) * _kl_log_space(log_p_student, log_mix)
+    return rows.mean()
+
+
+def skew_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float, skew: float = 0.1) -> Tensor:
+    """DistiLLM's skew KL (Ko et al. 2024): ``mean_rows KL(P_t ‖ λ·P_t + (1 − λ)·P_s)``, no ``τ²``.
+
+    ``skew`` is λ (0.1 in the paper); ``λ = 0`` is the forward KL. Mixing in the teacher keeps
+    the divergence finite, at most ``log(1/λ)``, when the student gives a class almost nothing.
+    """
+    _check_weight("the skew", skew)
+    log_p_student, log_p_teacher = _log_probabilities(student_logits, teacher_logits, temperature)
+    return _kl_log_space(log_p_teacher, log_mixture(log_p_teacher, log_p_student, skew)).mean()
+
+
+def skew_reverse_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float, skew: float = 0.1) -> Tensor:
+    """DistiLLM's skew reverse KL: ``mean_rows KL(P_s ‖ λ·P_s + (1 − λ)·P_t)``, no ``τ²``.
+
+    ``skew`` is λ (0.1 in the paper); ``λ = 0`` is the reverse KL.
+    """
+    _check_weight("the skew", skew)
+    log_p_student, log_p_teacher = _log_probabilities(student_logits, teacher_logits, temperature)
+    return _kl_log_space(log_p_student, log_mixture(log_p_student, log_p_teacher, skew)).mean()
+
+
+def total_variation(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """``mean_rows ½ Σ_c |P_t − P_s|``, in ``[0, 1]`` (no ``τ²``)."""
+    p_student = F.softmax(_at_least_float32(student_logits) / temperature, dim=-1)
+    p_teacher = F.softmax(_at_least_float32(teacher_logits) / temperature, dim=-1)
+    return 0.5 * (p_teacher - p_student).abs().sum(dim=-1).mean()
 
 
 def decoupled_kl(
@@ -126,6 +210,11 @@ def topk_kl_rows(student_logits: Tensor, teacher: TopKLogits, temperature: float
     KL with error ``0 ≤ KL − KL_coarse ≤ r · max_j log(Q_t(j) / Q_s(j))``: small when ``r`` is.
     """
     log_p_student = F.log_softmax(_at_least_float32(student_logits) / temperature, -1)
+    return topk_kl_from_log_probs(log_p_student, teacher, temperature)
+
+
+def topk_kl_from_log_probs(log_p_student: Tensor, teacher: TopKLogits, temperature: float) -> Tensor:
+    """:func:`topk_kl_rows` from the student's ``(R, C)`` log-probabilities at ``τ`` (``(R,)`` out)."""
     student_top = log_p_student.gather(-1, teacher.indices)
     student_rest = log_p_student.scatter(-1, teacher.indices, float("-inf")).logsumexp(-1)
     log_kept = torch.log1p(-teacher.log_rest.exp().clamp(max=1 - 1e-7))  # log(1 − r)
@@ -165,7 +254,7 @@ def correlation_distance(
 
 
 def feature_mse(student_feature: Tensor, teacher_feature: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Mean squared error over all elements, in float32.
+    """Mean squared error over all elements, in float32 (float64 stays float64).
 
     Args:
         student_feature: ``(N, ...)``, already adapted to the teacher's shape.
@@ -173,9 +262,12 @@ def feature_mse(student_feature: Tensor, teacher_feature: Tensor, mask: Tensor |
         mask: optional ``(N, T)`` weights of real tokens for ``(N, T, D)`` features;
             masked positions (padding) do not count at all.
     """
-    diff = (student_feature.float() - teacher_feature.float()).square()
+    student_feature, teacher_feature = _at_least_float32(student_feature), _at_least_float32(teacher_feature)
     if mask is None:
-        return diff.mean()
+        # The fused kernel: one pass, no (a − b)² temporary to write and read back on large maps.
+        dtype = torch.promote_types(student_feature.dtype, teacher_feature.dtype)
+        return F.mse_loss(student_feature.to(dtype), teacher_feature.to(dtype))
+    diff = (student_feature - teacher_feature).square()
     weights = _expand_mask(mask, diff)
     per_position = diff[0, 0].numel() if diff.dim() > 2 else 1
     return (diff * weights).sum() / (weights.sum() * per_position).clamp_min(1)
@@ -309,6 +401,11 @@ RESPONSE_LOSSES: dict[str, ResponseLoss] = {
     "kl": kl_divergence,
     "dkd": decoupled_kl,
     "dist": correlation_distance,
+    "reverse_kl": reverse_kl,
+    "jsd": generalized_jsd,
+    "skew_kl": skew_kl,
+    "skew_reverse_kl": skew_reverse_kl,
+    "tvd": total_variation,
 }
 FEATURE_LOSSES: dict[str, FeatureLoss] = {"mse": feature_mse, "cosine": feature_cosine}
 
@@ -320,3 +417,12 @@ def resolve(loss: str | Callable, registry: dict[str, Callable], kind: str) -> C
     if loss not in registry:
         raise ConfigError(f"unknown {kind} loss {loss!r}{did_you_mean(loss, registry)} (known: {', '.join(registry)})")
     return registry[loss]
+
+
+def __getattr__(name: str) -> Any:
+    """``losses.chunked_distillation_loss`` lives in :mod:`kdistill.chunked` (which imports this module)."""
+    if name == "chunked_distillation_loss":
+        from kdistill.chunked import chunked_distillation_loss
+
+        return chunked_distillation_loss
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
