@@ -2,6 +2,10 @@
 
 ``from kdistill import Distiller, FeaturePair`` is all the library use needs;
 see the README for the 15-line example.
+
+This module imports the torch-only core and nothing else (docs/architecture.md): no
+``kdistill.hf``/``transformers``, no YAML, plotting, config, data, trainer or pipeline module, so a
+library user pays for none of them. tests/test_layering.py checks it in a fresh interpreter.
 """
 
 from kdistill.adapters import build_adapter

@@ -12,9 +12,12 @@ from torch import Tensor, nn
 
 from kdistill import losses
 from kdistill.adapters import LAYOUTS, Layout, build_adapter, infer_layout
+
+# The model-calling helpers lived here and stay importable from this module (callers outside the
+# core should import them from kdistill.calls).
+from kdistill.calls import call_model, check_vocabularies, default_logits, first_tensor, split_labels, token_mask
 from kdistill.errors import ClassCountError, ConfigError, FeatureShapeError, NonFiniteLossError
-from kdistill.hf import check_vocabularies
-from kdistill.hooks import FeatureRecorder, StopForward, find_module, first_tensor
+from kdistill.hooks import FeatureRecorder, StopForward, find_module
 
 
 @dataclass(frozen=True)
@@ -44,68 +47,6 @@ class FeaturePair:
         return f"{self.student}->{self.teacher}"
 
 
-def default_logits(output: Any) -> Tensor:
-    """The default logits rule: a tensor is the logits; else ``.logits`` (Hugging Face
-    ``ModelOutput``), a mapping's ``"logits"`` entry, or a tuple's first element."""
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping) and "logits" in output:
-        return output["logits"]
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    if isinstance(output, (tuple, list)) and output:
-        return default_logits(output[0])
-    raise TypeError(f"cannot find logits in a model output of type {type(output).__name__}; pass logits_fn=")
-
-
-def call_model(model: nn.Module, inputs: Any) -> Any:
-    """``model(**inputs)`` for a mapping, ``model(*inputs)`` for a tuple/list, else ``model(inputs)``."""
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, (tuple, list)):
-        return model(*inputs)
-    return model(inputs)
-
-
-def token_mask(inputs: Any) -> Tensor | None:
-    """The ``(N, T)`` attention mask of Hugging Face style inputs, if any."""
-    if isinstance(inputs, Mapping):
-        mask = inputs.get("attention_mask")
-        if isinstance(mask, Tensor):
-            return mask
-    return None
-
-
-def split_labels(inputs: Any, labels: Tensor | None = None) -> tuple[Any, Tensor | None]:
-    """Take a ``labels`` entry out of a mapping input (Hugging Face batches carry one).
-
-    Returns ``(inputs without "labels", labels)``; inputs that are not a mapping, or hold no
-    ``labels``, come back unchanged with ``labels``. Models must never receive the entry: a Hugging
-    Face model would compute its own loss from it (spec section 6).
-
-    Raises:
-        ConfigError: ``labels`` is given both ways with different values (equal values, or the
-            same tensor, are one set of labels).
-    """
-    if not isinstance(inputs, Mapping) or "labels" not in inputs:
-        return inputs, labels
-    inner = inputs["labels"]
-    rest = {key: value for key, value in inputs.items() if key != "labels"}
-    if labels is not None and labels is not inner and inner is not None:
-        same = (
-            isinstance(inner, Tensor)
-            and inner.shape == labels.shape
-            and bool(torch.equal(inner.to(device=labels.device, dtype=labels.dtype), labels))
-        )
-        if not same:
-            raise ConfigError(
-                "labels are given twice, as the labels argument and as the inputs' 'labels' entry, "
-                "with different values; pass them one way"
-            )
-    return rest, labels if labels is not None else inner
-
-
 class Distiller(nn.Module):
     """Trains ``student`` to reproduce ``teacher`` (spec sections 1 and 2).
 
@@ -127,7 +68,7 @@ class Distiller(nn.Module):
         ignore_index: label value of rows left out of the response and CE terms.
         logits_fn: extracts the logits from a model output (default :func:`default_logits`).
         feature_fn: extracts a tensor from a hooked layer's output (default
-            :func:`kdistill.hooks.first_tensor`).
+            :func:`kdistill.calls.first_tensor`).
         sample_input: if given, adapters are built now from the shapes it produces;
             otherwise at the first forward (call :meth:`build` before creating an optimizer).
         check_finite: raise :class:`NonFiniteLossError` naming the term when the loss

@@ -20,7 +20,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from kdistill.errors import ClassCountError, ConfigError, VocabularyError
+# Re-exported: the check moved to the torch-only core, which must not import this module.
+from kdistill.calls import check_vocabularies as check_vocabularies
+from kdistill.errors import ConfigError
 
 TASKS = {
     "sequence-classification": "AutoModelForSequenceClassification",
@@ -186,23 +188,6 @@ _HOOK_DICTS = (
     "_backward_hooks",
     "_backward_pre_hooks",
 )
-
-
-def check_vocabularies(teacher: nn.Module, student: nn.Module) -> None:
-    """Refuse a teacher and student that read different tokens or name their labels differently
-    (only checked for models with a Hugging Face style ``config``)."""
-    teacher_config, student_config = getattr(teacher, "config", None), getattr(student, "config", None)
-    if teacher_config is None or student_config is None:
-        return
-    tv, sv = getattr(teacher_config, "vocab_size", None), getattr(student_config, "vocab_size", None)
-    if isinstance(tv, int) and isinstance(sv, int) and tv != sv:
-        raise VocabularyError(
-            f"teacher and student vocabularies differ ({tv} vs {sv} tokens): both must read the same "
-            "tokenizer's ids (shrink the teacher, or pick a student of the same family)"
-        )
-    tl, sl = getattr(teacher_config, "id2label", None), getattr(student_config, "id2label", None)
-    if isinstance(tl, dict) and isinstance(sl, dict) and len(tl) == len(sl) and tl != sl:
-        raise ClassCountError(f"teacher and student label sets differ: {tl} vs {sl}")
 
 
 def mean_pool(hidden: Tensor, mask: Tensor) -> Tensor:

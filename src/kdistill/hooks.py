@@ -7,39 +7,16 @@ The model itself is never modified.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from torch import Tensor, nn
 
+from kdistill.calls import first_tensor  # re-export: the default feature rule lived here
 from kdistill.errors import HookNotFiredError, LayerNotFoundError, did_you_mean
 
 # Prefixes that wrappers add to module names (DistributedDataParallel, torch.compile).
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-def first_tensor(output: Any) -> Tensor:
-    """The default feature rule: the first tensor found depth-first in ``output``.
-
-    A tensor is itself; a tuple or list yields its first tensor; a mapping (a dict
-    or a Hugging Face ``ModelOutput``, whose first field is the main output, e.g.
-    ``last_hidden_state``) yields its first tensor value. Pass your own function as
-    ``feature_fn`` when a layer's main output is elsewhere.
-    """
-    if isinstance(output, Tensor):
-        return output
-    if isinstance(output, Mapping):
-        candidates = list(output.values())
-    elif isinstance(output, (tuple, list)):
-        candidates = list(output)
-    else:
-        candidates = []
-    for value in candidates:
-        try:
-            return first_tensor(value)
-        except TypeError:
-            continue
-    raise TypeError(f"no tensor found in a layer output of type {type(output).__name__}")
 
 
 def _wrapped(model: nn.Module) -> tuple[nn.Module, str] | None:

@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from kdistill.adapters import build_adapter
-from kdistill.distiller import FeaturePair, call_model
+from kdistill.calls import call_model, default_logits, first_tensor
+from kdistill.distiller import FeaturePair
 from kdistill.errors import FeatureShapeError
-from kdistill.hooks import first_tensor
 
 
 @dataclass(frozen=True)
@@ -113,8 +113,6 @@ def stage_layers(layers: Sequence[Layer], logits_shape: tuple[int, ...] | None =
 def propose_pairs(teacher: nn.Module, student: nn.Module, sample_input: Any) -> list[FeaturePair]:
     """One pair per student stage: the teacher stage at the nearest relative depth whose output an
     adapter can map, preferring equal spatial sizes, then the deeper of two equally near stages."""
-    from kdistill.distiller import default_logits
-
     with torch.no_grad():
         teacher_logits = tuple(default_logits(call_model(teacher.eval(), sample_input)).shape)
     teacher_stages = stage_layers(trace_layers(teacher, sample_input), teacher_logits)

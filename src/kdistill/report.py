@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from kdistill.calls import call_model, default_logits
 from kdistill.data import Inputs, TensorData, primary, select, trim_padding
-from kdistill.distiller import call_model, default_logits
 
 ROLES = ("teacher", "baseline", "student")
 
