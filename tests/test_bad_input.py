@@ -89,7 +89,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 def digest(run: Path) -> str:
     sha = hashlib.sha256()
     for path in sorted(run.rglob("*")):
-        if path.is_file() and "tensorboard" not in path.parts:
+        if path.is_file() and "tensorboard" not in path.parts and path.name != ".kdistill.lock":
             sha.update(path.name.encode() + path.read_bytes())
     return sha.hexdigest()
 

@@ -153,7 +153,7 @@ def test_topk_cache_trains_through_the_distiller(tmp_path, data):
     torch.testing.assert_close(logits.values, want.values)
     assert torch.equal(logits.indices, want.indices)
     distiller = Distiller(teacher, TinyConvNet(4), temperature=4.0)
-    out = CachedDistillation(distiller, cache)(data.inputs[:8], data.labels[:8], indices=torch.arange(8))
+    out = CachedDistillation(distiller, cache)(data.inputs[:8], data.labels[:8], index=torch.arange(8))
     out["loss"].backward()
     assert torch.isfinite(out["response"]) and out["response"] > 0
     assert cache.bytes_per_sample == 3 * 4 + 3 * 4 + 4

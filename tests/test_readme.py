@@ -18,3 +18,13 @@ def test_readme_library_example_runs(tmp_path):
     result = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert "'loss'" in result.stdout and (tmp_path / "student.safetensors").exists()
+
+
+def test_readme_dataloader_example_runs(tmp_path):
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    example = next(block for block in blocks if "DataLoader" in block and "Trainer(" in block)
+    assert len(example.strip().splitlines()) <= 20
+    result = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "validation/accuracy" in result.stdout
+    assert (tmp_path / "runs" / "library" / "checkpoint.pt").exists()

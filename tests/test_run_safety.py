@@ -46,12 +46,40 @@ def file_digest(path: Path) -> str:
 
 
 @pytest.mark.slow
-def test_resume_of_a_finished_run_keeps_its_trained_adapters(finished, capsys):
-    adapters = finished / "distill" / "adapters.safetensors"
-    assert adapters.exists()
-    before = file_digest(adapters)
+def test_resume_of_a_finished_run_changes_none_of_its_files(finished, capsys):
+    assert (finished / "distill" / "adapters.safetensors").exists()  # the trained adapters, among the rest
+    before = digest(finished)
     assert train(finished, "--resume") == 0
-    assert file_digest(adapters) == before
+    assert digest(finished) == before
+
+
+@pytest.mark.slow
+def test_a_cache_too_big_for_the_disk_is_refused_before_any_training(tmp_path, monkeypatch, capsys):
+    import shutil as real_shutil
+
+    import kdistill.cache
+
+    usage = real_shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(kdistill.cache.shutil, "disk_usage", lambda path: usage._replace(free=1000))
+    monkeypatch.setenv("KDISTILL_CACHE", str(tmp_path / "cache"))
+    capsys.readouterr()
+    assert train(tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "would take" in err and "free" in err, err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache" / "teachers").exists()
+
+
+@pytest.mark.slow
+def test_results_moved_aside_by_a_force_killed_before_it_started_come_back(finished, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    before = digest(run)
+    aside = run / ".replaced-12345"  # what a --force killed between moving aside and writing config.yaml leaves
+    aside.mkdir()
+    for name in ("config.yaml", "teacher", "baseline", "distill", "report.json", "report.md", "plots"):
+        os.replace(run / name, aside / name)
+    assert train(run, "--resume") == 0
+    assert not aside.exists() and digest(run) == before
 
 
 BAD_STARTS = {

@@ -82,7 +82,7 @@ def test_resume_after_interruption_gives_the_same_final_weights(tmp_path, stop_a
     def stop_after_n(module, inputs, output):
         steps["n"] += 1
         if steps["n"] == stop_after:
-            interrupted._stop_requested = True  # what Ctrl-C does
+            interrupted.stop_requested = True  # what Ctrl-C does
 
     handle = interrupted.eval_model.register_forward_hook(stop_after_n)
     result = interrupted.fit()

@@ -44,11 +44,11 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from kdistill import faults
+from kdistill.calls import call_model, default_logits, first_tensor, split_labels
 from kdistill.checkpoint import file_sha256, verify_file, write_failure
 from kdistill.data import Inputs, ShiftViews, TensorData, move, primary, select
-from kdistill.distiller import call_model, default_logits, split_labels
 from kdistill.errors import CheckpointError, KDistillError
-from kdistill.hooks import FeatureRecorder, first_tensor
+from kdistill.hooks import FeatureRecorder
 from kdistill.losses import TopKLogits
 
 FORMAT = 2  # 2: meta.json records a SHA-256 of every file (format-1 caches are refused as stale)
@@ -347,6 +347,45 @@ def _human(size: float) -> str:
     return f"{size:,.1f} PB"
 
 
+def check_space(
+    directory: Path,
+    teacher: nn.Module,
+    data: TensorData,
+    *,
+    layers: Sequence[str] = (),
+    views: int = 1,
+    storage: str = "float16",
+    topk: int | None = None,
+    feature_fn: Callable[[Any], Tensor] = first_tensor,
+) -> None:
+    """Refuse a cache that would not fit the free disk at ``directory`` — before any training:
+    the size is estimated from the teacher's outputs on two samples (its weights do not matter)."""
+    was_training = teacher.training
+    teacher.eval()
+    try:
+        with FeatureRecorder(teacher, layers, feature_fn, "teacher") as recorder, torch.no_grad():
+            inputs, _ = split_labels(select(data.inputs, torch.arange(min(2, len(data)))))
+            recorder.clear()
+            logits = default_logits(call_model(teacher, inputs))
+            features = recorder.pop()
+    finally:
+        teacher.train(was_training)
+    dtype = np.dtype(STORAGE[storage])
+    if storage == "topk":
+        k = min(topk or 1, logits.shape[-1])
+        rest = tuple(logits.shape[1:-1])
+        layout = {
+            "topk-values": (dtype, (*rest, k)),
+            "topk-indices": (np.dtype(np.int32), (*rest, k)),
+            "topk-log-rest": (dtype, rest),
+        }
+    else:
+        layout = {"logits": (dtype, tuple(logits.shape[1:]))}
+    for i, layer in enumerate(recorder.paths):
+        layout[f"feature-{i}"] = (dtype, tuple(features[layer].shape[1:]))
+    _check_free_space(directory, views, len(data), layout)
+
+
 def _check_free_space(
     directory: Path, views: int, samples: int, layout: dict[str, tuple[np.dtype, tuple[int, ...]]]
 ) -> None:
@@ -422,18 +461,16 @@ def _publish(partial: Path, directory: Path, expected: dict[str, Any], meta: dic
         except KDistillError:
             pass
         # A stale, incomplete or damaged cache is in the way: move it aside atomically, so no reader
-        # ever sees a half-deleted directory, then delete it unless it turns out to fit this run
-        # (a racing builder may have put a valid one there meanwhile: another process may read it).
+        # ever sees a half-deleted directory, then delete it (if a racing builder had just put a
+        # valid one there, its readers keep their memory maps; the next round publishes ours).
         aside = _private_directory(directory, ".old")
         try:
             os.rename(directory, aside)
         except FileNotFoundError:
             aside.rmdir()
             continue
-        try:
-            TeacherCache.open(aside, expected)
-        except KDistillError:
-            shutil.rmtree(aside, ignore_errors=True)
+        # Whatever it held goes: a reader that opened it keeps its memory maps after the unlink.
+        shutil.rmtree(aside, ignore_errors=True)
     raise KDistillError(
         f"teacher cache {directory}: could not put the new cache in place (too many concurrent builders)"
     )
@@ -441,15 +478,18 @@ def _publish(partial: Path, directory: Path, expected: dict[str, Any], meta: dic
 
 class CachedDistillation(nn.Module):
     """A distiller that reads its teacher's outputs from a :class:`TeacherCache` instead of
-    running the teacher (the trainer passes each batch's ``indices`` and ``epoch``)."""
+    running the teacher. It needs each batch's facts ``index`` (the samples' dataset positions)
+    and ``epoch`` (which augmented view), and says so in ``batch_facts`` for the trainer."""
+
+    batch_facts = ("index", "epoch")
 
     def __init__(self, distiller: nn.Module, cache: TeacherCache) -> None:
         super().__init__()
         self.distiller = distiller
         self.cache = cache
 
-    def forward(self, inputs: Inputs, labels: Tensor | None = None, *, indices: Tensor, epoch: int = 0) -> dict:
-        logits, features = self.cache.lookup(indices, epoch, token_length(inputs))
+    def forward(self, inputs: Inputs, labels: Tensor | None = None, *, index: Tensor, epoch: int = 0) -> dict:
+        logits, features = self.cache.lookup(index, epoch, token_length(inputs))
         device = primary(inputs).device
         logits = (
             TopKLogits(*(part.to(device) for part in logits)) if isinstance(logits, TopKLogits) else logits.to(device)

@@ -31,6 +31,8 @@ from kdistill.errors import ConfigError, did_you_mean
 # Upper bounds of the numeric keys. They are far above any sensible value and only catch typos
 # and unit mistakes early, with the key named, instead of hours into a run.
 MAX_EPOCHS = 10_000  # epochs of either model, step_epochs, early_stopping
+MAX_STEPS = 2**40  # train.max_steps (optimizer updates)
+MAX_WORKERS = 256  # data.workers: DataLoader processes
 MAX_COUNT = 2**20  # batch sizes, accumulate, max_length (tokens), cache_topk (classes kept)
 MAX_VIEWS = 1_000  # augment_views: the teacher cache holds one output per view per sample
 MAX_IMAGE_SIDE = 4_096  # image_size, each side (the memory estimate of a run is made elsewhere)
@@ -121,7 +123,7 @@ class DataConfig:
     ``package.module:function`` returning ``(train, test)`` datasets. Text is tokenized with
     ``tokenizer`` (a local Hugging Face tokenizer directory or ``package.module:function`` giving
     one) to at most ``max_length`` tokens. ``train_samples`` keeps only that many training samples
-    (a fixed subset), to fit a budget."""
+    (a fixed subset), to fit a budget. ``workers``: DataLoader processes that load training batches."""
 
     dataset: str = "mnist5k"
     path: str | None = None
@@ -135,6 +137,7 @@ class DataConfig:
     train_samples: int | None = None
     batch_size: int = 128
     eval_batch_size: int = 1000
+    workers: int = 0
 
     def __post_init__(self) -> None:
         _require(0 < self.test_fraction < 1, "test_fraction", "must be between 0 and 1", self.test_fraction)
@@ -142,6 +145,7 @@ class DataConfig:
             0 <= self.validation_fraction < 1, "validation_fraction", "must be in [0, 1)", self.validation_fraction
         )
         _require_range("batch_size", self.batch_size, 1, MAX_COUNT)
+        _require_range("workers", self.workers, 0, MAX_WORKERS)
         _require_range(
             "augment_views",
             self.augment_views,
@@ -203,9 +207,11 @@ class TrainConfig:
     ``step_gamma`` is in (0, 1]: the step schedule multiplies the learning rate by it every
     ``step_epochs`` epochs, so 1 is a constant rate and more than 1 would grow it without end.
     ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (whether it exists is checked
-    when the run starts)."""
+    when the run starts). ``max_steps``: optimizer updates to train for, overriding ``epochs``
+    (as in Hugging Face; the last epoch may stop midway); needed for data of unknown length."""
 
     epochs: int = 60
+    max_steps: int | None = None
     optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = 3e-3
     weight_decay: float = 5e-4
@@ -224,6 +230,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _require_range("epochs", self.epochs, 1, MAX_EPOCHS)
+        _require_range("max_steps", self.max_steps, 1, MAX_STEPS)
         _require_range("lr", self.lr, 0, MAX_LR, low_open=True)
         _require_range("weight_decay", self.weight_decay, 0, MAX_WEIGHT_DECAY)
         _require(0 <= self.momentum < 1, "momentum", "must be in [0, 1)", self.momentum)

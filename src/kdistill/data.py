@@ -15,6 +15,7 @@ import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -82,6 +83,17 @@ class TensorData:
     def take(self, indices: Tensor) -> tuple[Inputs, Tensor]:
         """The batch ``indices``: ``(inputs, labels)``, token inputs trimmed to the longest sentence."""
         return trim_padding(select(self.inputs, indices)), self.labels[indices]
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
+        """A whole batch for a ``DataLoader`` (see :mod:`kdistill.batches`): ``inputs``, ``labels``
+        and the samples' ``index``, gathered by one tensor index instead of item by item."""
+        index = torch.as_tensor(indices, dtype=torch.long)
+        inputs, labels = self.take(index)
+        return {"inputs": inputs, "labels": labels, "index": index}
+
+    def __getitem__(self, index: int) -> tuple[Inputs, Tensor]:
+        """One sample ``(input, label)``, as a map-style dataset gives it."""
+        return select(self.inputs, index), self.labels[index]
 
     @property
     def is_text(self) -> bool:

@@ -26,11 +26,12 @@ import torch
 from torch import Tensor, nn
 
 from kdistill import distributed, faults
-from kdistill.cache import CachedDistillation, TeacherCache, fingerprint
+from kdistill.cache import CachedDistillation, TeacherCache, check_space, fingerprint
+from kdistill.calls import call_model, default_logits
 from kdistill.checkpoint import atomic_write, save_weights
 from kdistill.config import Config, PairConfig, differences, dump_config, from_dict, read_yaml, to_dict
 from kdistill.data import Inputs, ShiftViews, Splits, load_data, primary, splits_digest
-from kdistill.distiller import Distiller, FeaturePair, call_model, default_logits
+from kdistill.distiller import Distiller, FeaturePair
 from kdistill.errors import CheckpointError, ConfigError, KDistillError
 from kdistill.layers import propose_pairs
 from kdistill.losses import cross_entropy
@@ -69,16 +70,17 @@ class Mixup(nn.Module):
         super().__init__()
         self.task = task
         self.strength = strength
+        self.batch_facts = getattr(task, "batch_facts", ())
 
-    def forward(self, inputs: Tensor, labels: Tensor | None = None) -> dict[str, Tensor]:
+    def forward(self, inputs: Tensor, labels: Tensor | None = None, **facts: Any) -> dict[str, Tensor]:
         if not self.training or labels is None:
-            return self.task(inputs, labels)
+            return self.task(inputs, labels, **facts)
         # Drawn from the global RNG, whose state the trainer checkpoints: resuming stays exact.
         beta = torch.distributions.Beta(torch.tensor(self.strength), torch.tensor(self.strength))
         weight = beta.sample((inputs.shape[0],)).to(inputs.device)
         partner = torch.randperm(inputs.shape[0]).to(inputs.device)
         view = weight.view((-1,) + (1,) * (inputs.dim() - 1))
-        out = dict(self.task(view * inputs + (1 - view) * inputs[partner], None))
+        out = dict(self.task(view * inputs + (1 - view) * inputs[partner], None, **facts))
         log_p = torch.log_softmax(out["logits"].float(), -1)
         own, other = log_p.gather(1, labels[:, None])[:, 0], log_p.gather(1, labels[partner][:, None])[:, 0]
         ce = -(weight * own + (1 - weight) * other).mean()
@@ -201,9 +203,10 @@ def teacher_cache_key(config: Config, splits: Splits | None = None) -> str:
     if splits is None:
         splits = load_data(config.data)
     identity = {"teacher": to_dict(config.teacher), "data": to_dict(config.data), "train": to_dict(config.train)}
-    identity["data"].pop("eval_batch_size", None)
+    for how in ("eval_batch_size", "workers"):  # how the data is read, not what it is
+        identity["data"].pop(how, None)
     identity["data_digest"] = splits_digest(splits)
-    for own in ("seed", "epochs", "mixup"):  # the teacher has its own (teacher.seed, .epochs, .mixup)
+    for own in ("seed", "epochs", "mixup", "max_steps"):  # the teacher has its own (teacher.seed, .epochs, …)
         identity["train"].pop(own)
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -220,11 +223,12 @@ def prepare_teacher(config: Config, teacher: nn.Module, splits: Splits, out: Pat
             return teacher
         except CheckpointError as error:  # damaged: kdistill's own cache, so train it again
             log(f"teacher: {error}; training it again")
-    budget = dataclasses.replace(config.train, epochs=config.teacher.epochs, seed=config.teacher.seed)
+    # The teacher's own budget: teacher.epochs (train.max_steps is the students' budget).
+    budget = dataclasses.replace(config.train, epochs=config.teacher.epochs, seed=config.teacher.seed, max_steps=None)
     log(f"teacher: no weights given; training it for {budget.epochs} epochs (cached in {cached.parent})")
     task = with_mixup(Supervised(teacher), config.teacher.mixup)
-    run_phase("teacher", task, task.parameters(), teacher, splits, budget, config, out, resume, log)
-    if distributed.world().is_main:
+    trained = run_phase("teacher", task, task.parameters(), teacher, splits, budget, config, out, resume, log)
+    if distributed.world().is_main and (trained is not None or not cached.exists()):
         save_weights(teacher.state_dict(), cached)
     return teacher
 
@@ -240,17 +244,12 @@ def prepare_cache(
 ) -> TeacherCache | None:
     """The teacher-output cache for the distillation phase, or None to run the teacher live."""
     setting = config.distill.teacher_cache
-    if setting == "off":
-        return None
-    why_not = None
-    if config.train.mixup > 0:
-        why_not = "train.mixup shows the teacher new mixed views every step"
-    elif config.data.augment != "none" and config.data.augment_views is None:
-        why_not = "data.augment gives a fresh view every epoch; set data.augment_views to cache a fixed number"
+    why_not = why_no_cache(config)
     if why_not:
-        if setting != "auto":
+        if setting not in ("auto", "off"):
             raise ConfigError(f"distill.teacher_cache: cannot cache the teacher here: {why_not}")
-        log(f"teacher cache: off ({why_not})")
+        if setting == "auto":
+            log(f"teacher cache: off ({why_not})")
         return None
     augment = make_augment(config, splits)
     layers = distiller.teacher_layers
@@ -277,6 +276,31 @@ def prepare_cache(
         setting == "auto",
     )  # rank 0 builds the cache; then every rank reads the whole of it
     return TeacherCache.open(directory, expected)
+
+
+def why_no_cache(config: Config) -> str | None:
+    """Why the distillation phase runs its teacher live (None: it reads a teacher-output cache)."""
+    if config.distill.teacher_cache == "off":
+        return "distill.teacher_cache is off"
+    if config.train.mixup > 0:
+        return "train.mixup shows the teacher new mixed views every step"
+    if config.data.augment != "none" and config.data.augment_views is None:
+        return "data.augment gives a fresh view every epoch; set data.augment_views to cache a fixed number"
+    return None
+
+
+def check_cache_space(config: Config, teacher: nn.Module, splits: Splits) -> None:
+    """Refuse a teacher-output cache that would not fit the free disk, before anything trains."""
+    if why_no_cache(config):
+        return
+    d = config.distill
+    setting = d.teacher_cache
+    directory = cache_root(config) / "teacher-outputs" / "new" if setting == "auto" else Path(setting)
+    views = config.data.augment_views if config.data.augment != "none" else 1
+    layers = list(dict.fromkeys(p.teacher for p in d.feature_pairs))
+    check_space(
+        directory, teacher, splits.train, layers=layers, views=views, storage=d.cache_storage, topk=d.cache_topk
+    )
 
 
 def build_cache(
@@ -351,6 +375,7 @@ def run_phase(
         splits.train,
         budget,
         batch_size=config.data.batch_size,
+        workers=config.data.workers,
         eval_batch_size=config.data.eval_batch_size,
         eval_model=eval_model,
         eval_sets=eval_sets,
@@ -448,6 +473,7 @@ def prepare(config: Config, log: Log) -> Prepared:
     sample = sample_inputs(splits)
     config = resolve_pairs(config, teacher, student, sample, log)
     check_distillation(config, teacher, student, sample)
+    check_cache_space(config, teacher, splits)
     if config.data.augment == "shift":
         note = ShiftViews.note(sample)
         if note:
@@ -545,9 +571,12 @@ def train_all(prepared: Prepared, out: Path, resume: bool, log: Log) -> dict[str
     models["student"] = student
 
     faults.reached("report")
-    log("report: measuring accuracy, size and single-thread latency …")
     if not place.is_main:  # rank 0 measures and writes the report
         return {}
+    if resume and (out / "report.json").exists() and (out / "distill" / "done.json").exists():
+        log("report: the run had finished; its report is unchanged")  # --resume of a finished run writes nothing
+        return json.loads((out / "report.json").read_text())
+    log("report: measuring accuracy, size and single-thread latency …")
     report = measure(models, splits.test, batch_size=config.data.eval_batch_size)
     histories = {name: out / name / "metrics.jsonl" for name in ("baseline", "distill")}
     write_report(out, report, histories, title=f"kdistill report: {splits.name}")

@@ -60,8 +60,11 @@ class RunLock:
         if self.handle.closed:
             return
         if self.created and [p.name for p in self.path.parent.iterdir()] == [LOCK_NAME]:
-            self.path.unlink()  # a run that failed before writing anything leaves no directory behind
-            self.path.parent.rmdir()
+            try:  # a run that failed before writing anything leaves no directory behind
+                self.path.unlink()
+                self.path.parent.rmdir()
+            except OSError:  # something appeared meanwhile: leave it
+                pass
         fcntl.flock(self.handle, fcntl.LOCK_UN)
         self.handle.close()
 
@@ -100,8 +103,14 @@ class Replaced:
 
 def check_run_dir(out: Path, resume: bool, force: bool) -> None:
     """Refuse a run directory that holds results, unless resuming or forced (call with the lock held)."""
-    for stale in out.glob(f"{ASIDE_PREFIX}*"):  # left by a run killed between moving aside and discarding
-        shutil.rmtree(stale, ignore_errors=True)
+    for aside in out.glob(f"{ASIDE_PREFIX}*"):  # left by a --force run killed before or after it started
+        if (out / "config.yaml").exists():
+            shutil.rmtree(aside, ignore_errors=True)  # the new run had started: these were replaced
+        else:
+            for item in aside.iterdir():  # it had not: the earlier results come back
+                if not (out / item.name).exists():
+                    os.replace(item, out / item.name)
+            shutil.rmtree(aside, ignore_errors=True)
     if resume:
         if not (out / "config.yaml").exists():
             raise ConfigError(f"--resume: {out} holds no run to resume (no config.yaml); start it without --resume")

@@ -1,27 +1,25 @@
 """A training loop that knows nothing about distillation.
 
-The model is any ``nn.Module`` whose ``forward(inputs, labels)`` returns a mapping
-with a ``loss`` to backpropagate; every other scalar in that mapping is logged,
-and a ``logits`` entry gives the running training accuracy.
+The model is any ``nn.Module`` whose ``forward(inputs, labels, **facts)`` returns a mapping with a
+``loss`` to backpropagate; every other scalar in that mapping is logged, and a ``logits`` entry
+gives the running training accuracy. The loop consumes batches (:mod:`kdistill.batches`): a
+``DataLoader`` or any iterable of ``(inputs, labels)`` pairs or mappings, or a map-style dataset,
+which it loads in :class:`~kdistill.batches.EpochBatchSampler` order. Which of a batch's facts
+(``index``, ``epoch``) reach the model is said by ``facts=``, not found by inspecting signatures.
 
-Determinism: the batch order of epoch ``e`` comes from a generator seeded by
-``(seed, e)``, augmentation is a function of (sample, epoch), and a checkpoint
-stores the position inside the epoch with every RNG state, so a resumed run
-repeats an uninterrupted one exactly (on the same machine).
+Determinism: with a map-style dataset the batch order of epoch ``e`` comes from a generator seeded
+by ``(seed, e)``, augmentation is a function of (sample, epoch), and a checkpoint stores the
+position inside the epoch with every RNG state, so a resumed run repeats an uninterrupted one
+exactly (on the same machine and thread count). A ``DataLoader`` of your own resumes by replaying
+the epoch's first batches: exact when its order is deterministic (see the README).
 
-A model whose ``forward`` takes ``indices`` / ``epoch`` keywords also receives the
-batch's sample indices and the epoch (a distiller reading cached teacher outputs
-needs them).
+Evaluation, best-epoch selection and early stopping, metric writers, the progress bar and the
+Ctrl-C handler are callbacks (:mod:`kdistill.callbacks`) around :meth:`Trainer.fit`'s short loop.
 """
 
 from __future__ import annotations
 
-import inspect
-import json
 import math
-import signal
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import nullcontext
@@ -31,9 +29,10 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from kdistill import distributed, faults
+from kdistill.batches import epoch_batches, loader_length, make_loader, unpack
+from kdistill.callbacks import Callback, MetricsWriter, ProgressBar, SelectBest, SigintRequestsStop
 from kdistill.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint, save_weights
 from kdistill.config import TrainConfig
 from kdistill.data import TensorData, move
@@ -71,74 +70,104 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
+def eval_batches(data: Any, batch_size: int) -> Iterable[Any]:
+    """Batches of an evaluation set in its own order: a :class:`TensorData`, a map-style dataset,
+    or an iterable of batches (a ``DataLoader``)."""
+    if isinstance(data, TensorData):
+        return data.batches(batch_size)
+    if _is_dataset(data):
+        return make_loader(data, batch_size, shuffle=False, place=distributed.World())
+    return data
+
+
 @torch.inference_mode()
-def evaluate(
-    model: nn.Module, data: TensorData, batch_size: int, device: torch.device | str = "cpu"
-) -> dict[str, float]:
-    """Top-1 accuracy and mean cross-entropy of ``model`` (logits out) on ``data``."""
-    from kdistill.distiller import call_model, default_logits
+def evaluate(model: nn.Module, data: Any, batch_size: int, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Top-1 accuracy and mean cross-entropy of ``model`` (logits out) on ``data`` (see :func:`eval_batches`)."""
+    from kdistill.calls import call_model, default_logits
 
     was_training = model.training
     model.eval()
-    correct, loss = 0, 0.0
-    for inputs, labels in data.batches(batch_size):
+    correct, loss, seen = 0, 0.0, 0
+    for batch in eval_batches(data, batch_size):
+        inputs, labels, _ = unpack(batch)
         inputs, labels = move(inputs, device), labels.to(device)
         logits = default_logits(call_model(model, inputs)).float()
         correct += int((logits.argmax(-1) == labels).sum())
         loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+        seen += len(labels)
     model.train(was_training)
-    return {"accuracy": correct / len(data), "loss": loss / len(data)}
+    return {"accuracy": correct / max(1, seen), "loss": loss / max(1, seen)}
+
+
+def _is_dataset(data: Any) -> bool:
+    """A map-style dataset (items by index), as opposed to an iterable of batches."""
+    if isinstance(data, torch.utils.data.DataLoader):
+        return False
+    if isinstance(data, torch.utils.data.IterableDataset):
+        return False
+    return hasattr(data, "__getitems__") or isinstance(data, torch.utils.data.Dataset)
 
 
 class Trainer:
     """Trains ``model`` on ``train_data`` with the optimiser and schedule of ``config``.
 
     Args:
-        model: returns a mapping with ``loss`` from ``model(inputs, labels)``.
+        model: returns a mapping with ``loss`` from ``model(inputs, labels, **facts)``.
         parameters: what the optimiser trains (e.g. ``distiller.trainable_parameters()``).
-        train_data: the training split.
-        config: optimiser, schedule, epochs, clipping, accumulation, AMP, seed.
+        train_data: a ``DataLoader`` (or any iterable of batches, see :mod:`kdistill.batches`), or
+            a map-style dataset such as :class:`~kdistill.data.TensorData`, loaded in seeded
+            per-epoch order, ``batch_size`` at a time (``workers`` loader processes), split
+            across ranks under DDP.
+        config: optimiser, schedule, epochs or ``max_steps``, clipping, accumulation, AMP, seed.
         eval_model: maps inputs to logits for evaluation (default ``model``), e.g. the student.
-        eval_sets: named splits evaluated after every epoch, e.g. ``validation`` and ``test``.
+        eval_sets: named evaluation sets (datasets or loaders) evaluated after every epoch.
         select_on: the eval set whose accuracy picks the best epoch and drives early
             stopping; never the test set in an honest run. ``None``: the last epoch is kept.
-        augment: ``(inputs, indices, epoch) -> inputs`` applied to each training batch, e.g.
-            :class:`kdistill.data.ShiftViews`; a pure function of its arguments.
+        augment: ``(inputs, index, epoch) -> inputs`` applied to each training batch, e.g.
+            :class:`kdistill.data.ShiftViews`; a pure function of its arguments. Needs batches
+            that carry ``index`` (map-style datasets loaded by the trainer do).
+        facts: the batch facts passed to the model as keyword arguments, from ``index`` (the
+            samples' dataset positions) and ``epoch`` (added by the trainer); by default those the
+            model declares in a ``batch_facts`` attribute (a distiller reading cached teacher
+            outputs declares both), else none.
         run_dir: where ``checkpoint.pt``, ``<weights_name>.safetensors`` (the eval model after the
             last epoch), ``<weights_name>_best.safetensors``, ``metrics.jsonl`` and TensorBoard
             events go; ``None`` writes nothing.
         log: receives one human-readable line per epoch (e.g. ``print``); ``None`` is silent.
+        callbacks: more :class:`~kdistill.callbacks.Callback` objects, called after the built-in ones.
     """
 
     def __init__(
         self,
         model: nn.Module,
         parameters: Iterable[nn.Parameter],
-        train_data: TensorData,
+        train_data: Any,
         config: TrainConfig,
         *,
         batch_size: int = 128,
+        workers: int = 0,
         eval_batch_size: int = 1000,
         eval_model: nn.Module | None = None,
-        eval_sets: Mapping[str, TensorData] | None = None,
+        eval_sets: Mapping[str, Any] | None = None,
         select_on: str | None = "validation",
         augment: Callable[[Tensor, Tensor, int], Tensor] | None = None,
+        facts: tuple[str, ...] | None = None,
         run_dir: str | Path | None = None,
         log: Callable[[str], None] | None = None,
         description: str = "train",
         weights_name: str = "student",
+        callbacks: Iterable[Callback] = (),
     ) -> None:
         self.model = model
         self.config = config
-        self.train_data = train_data
-        self.batch_size = batch_size
+        self.loader = (
+            make_loader(train_data, batch_size, config.seed, workers=workers) if _is_dataset(train_data) else train_data
+        )
         self.eval_batch_size = eval_batch_size
         self.eval_model = eval_model if eval_model is not None else model
         self.eval_sets = dict(eval_sets or {})
-        self.select_on = select_on if select_on in self.eval_sets else None
         self.augment = augment
-        accepted = inspect.signature(model.forward).parameters
-        self.batch_keywords = [name for name in ("indices", "epoch") if name in accepted]
+        self.facts = tuple(facts if facts is not None else getattr(model, "batch_facts", ()))
         self.run_dir = Path(run_dir) if run_dir is not None else None
         self.world = distributed.world()
         self.writes = self.run_dir is not None and self.world.is_main  # rank 0 alone writes
@@ -158,14 +187,33 @@ class Trainer:
         )
         self.parameters = [p for p in parameters if p.requires_grad]
         self.optimizer = self._optimizer()
-        self.steps_per_epoch = math.ceil(len(train_data) / batch_size)
+        self.steps_per_epoch = loader_length(self.loader)  # None: an iterable of unknown length
+        if self.steps_per_epoch is None and config.max_steps is None:
+            raise ConfigError("train.max_steps is required for data of unknown length (an iterable dataset)")
+        if self.steps_per_epoch == 0:
+            raise ConfigError("the training data yields no batches")
         # Each epoch ends with an update, so a last group shorter than `accumulate` is an update too.
-        self.updates_per_epoch = math.ceil(self.steps_per_epoch / config.accumulate)
-        self.total_updates = self.updates_per_epoch * config.epochs
+        self.updates_per_epoch = math.ceil(self.steps_per_epoch / config.accumulate) if self.steps_per_epoch else None
+        if config.max_steps is not None:
+            self.total_updates = config.max_steps
+            per_epoch = self.updates_per_epoch
+            self.epochs = math.ceil(config.max_steps / per_epoch) if per_epoch else None
+        else:
+            self.total_updates, self.epochs = self.updates_per_epoch * config.epochs, config.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         self.amp_dtype = self._amp_dtype()
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
-        self._stop_requested = False
+        select = select_on if select_on in self.eval_sets else None
+        best = self.run_dir / f"{weights_name}_best.safetensors" if self.writes else None
+        self.callbacks: list[Callback] = [SelectBest(select, config.early_stopping, best)]
+        if self.writes:
+            self.callbacks.append(MetricsWriter(self.run_dir))
+        if self.world.is_main:
+            self.callbacks.append(ProgressBar(description))
+        self.callbacks += list(callbacks)
+        self.stop_requested = False
+        self.resumed = False
+        self.running = _Running()
 
     # -- set-up ------------------------------------------------------------------------------
 
@@ -178,9 +226,10 @@ class Trainer:
         return torch.optim.AdamW(self.parameters, lr=c.lr, weight_decay=c.weight_decay)
 
     def _lr_factor(self, update: int) -> float:
-        """Linear warm-up, then cosine to 0, steps of ``step_gamma``, or constant."""
+        """Linear warm-up, then cosine to 0, steps of ``step_gamma``, or constant (epochs of updates;
+        for data of unknown length an "epoch" is ``max_steps / epochs`` updates)."""
         c = self.config
-        updates_per_epoch = self.updates_per_epoch
+        updates_per_epoch = self.updates_per_epoch or max(1, self.total_updates // c.epochs)
         warmup = c.warmup_epochs * updates_per_epoch
         if update < warmup:
             return (update + 1) / (warmup + 1)
@@ -204,112 +253,115 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
 
     def fit(self, resume: bool = False) -> TrainResult:
-        """Train for ``config.epochs`` epochs (or resume from ``run_dir/checkpoint.pt``)."""
-        c = self.config
+        """Train for ``config.epochs`` epochs or ``config.max_steps`` updates (or resume from
+        ``run_dir/checkpoint.pt``): batches in, ``loss`` out, step; callbacks do the rest."""
         state = {"epoch": 0, "batch": 0, "update": 0, "best_accuracy": None, "best_epoch": None, "stale": 0}
         result = TrainResult()
         if self.writes and self.run_dir.is_dir():
             remove_stale_temporaries(self.run_dir)  # left by a crash inside a checkpoint write
+        self.resumed = resume
         if resume:
             state, result.history = self._restore()
         else:
-            torch.manual_seed(c.seed)
-        writer = _MetricsWriter(
-            self.run_dir if self.writes else None, (state["epoch"], state["batch"]) if resume else None
-        )
+            torch.manual_seed(self.config.seed)
         started = time.perf_counter()
         self.model.train()
+        self._fire("on_fit_start", state)
         try:
-            with self._sigint_requests_stop():
-                while state["epoch"] < c.epochs and not self._stop_requested:
-                    epoch = state["epoch"]
-                    self._run_epoch(state, writer)
-                    if self._stop_requested:
+            with SigintRequestsStop(self):
+                while not self._finished(state):
+                    self._fire("on_epoch_start", state)
+                    self._run_epoch(state)
+                    # One decision for all ranks: a Ctrl-C that reached one rank after the epoch's
+                    # last check must not send it to the checkpoint while the others evaluate.
+                    self.stop_requested = distributed.any_rank(self.stop_requested, self.world)
+                    if self.stop_requested:
+                        self._save(state, result.history)
+                        result.interrupted = True
                         break
-                    record = {"epoch": epoch + 1, **self._evaluate(), "seconds": time.perf_counter() - started}
+                    record = {"epoch": state["epoch"] + 1, **self._evaluate(), "seconds": time.perf_counter() - started}
                     # Rank 0's numbers decide the best epoch and early stopping for every rank.
                     record = distributed.main_value(record, self.world)
                     result.history.append(record)
-                    writer.epoch(record, state["update"])
-                    stop = self._select(state, record)
-                    state["epoch"], state["batch"] = epoch + 1, 0
+                    stop = any([callback.on_epoch_end(self, state, record) for callback in self.callbacks])
+                    state["epoch"], state["batch"] = state["epoch"] + 1, 0
                     self._save(state, result.history)
-                    self.log(self._epoch_line(record, state))
+                    self.log(self._epoch_line(record))
                     if stop:
-                        self.log(
-                            f"{self.description}: early stopping, no better {self.select_on} accuracy "
-                            f"for {c.early_stopping} epochs"
-                        )
                         break
-                if self._stop_requested:
-                    self._save(state, result.history)
-                    result.interrupted = True
         finally:
-            writer.close()
+            self._fire("on_fit_end", state)
         result.best_epoch, result.best_accuracy = state["best_epoch"], state["best_accuracy"]
         result.seconds = time.perf_counter() - started
         return result
 
-    def _run_epoch(self, state: dict[str, Any], writer: _MetricsWriter) -> None:
-        c = self.config
-        epoch = state["epoch"]
-        order = torch.randperm(len(self.train_data), generator=_generator(c.seed, epoch))
-        bar = tqdm(
-            total=self.steps_per_epoch,
-            initial=state["batch"],
-            desc=f"{self.description} {epoch + 1}/{c.epochs}",
-            leave=False,
-            disable=None if self.world.is_main else True,
-            dynamic_ncols=True,
-            file=sys.stderr,
-        )
-        running = _Running()
-        for index, global_indices in enumerate(self.train_data.index_batches(self.batch_size, order)):
-            if index < state["batch"]:
-                continue  # resuming: these batches were trained before the checkpoint
-            indices = distributed.shard(global_indices, self.world)
-            inputs, labels = self.train_data.take(indices)
+    def _finished(self, state: dict[str, Any]) -> bool:
+        if self.config.max_steps is not None and state["update"] >= self.config.max_steps:
+            return True
+        return self.epochs is not None and state["epoch"] >= self.epochs
+
+    def _fire(self, event: str, state: dict[str, Any]) -> None:
+        for callback in self.callbacks:
+            getattr(callback, event)(self, state)
+
+    def _run_epoch(self, state: dict[str, Any]) -> None:
+        """The epoch's batches from ``state["batch"]`` on, until its end, ``max_steps``, or a stop."""
+        c, epoch = self.config, state["epoch"]
+        self.running = _Running()
+        pending = 0  # batches whose gradients wait for the group's update
+        for index, batch in enumerate(epoch_batches(self.loader, epoch, state["batch"], c.seed), start=state["batch"]):
+            inputs, labels, facts = unpack(batch)
             if self.augment is not None:
-                inputs = self.augment(inputs, indices, epoch)
+                if "index" not in facts:
+                    raise ConfigError("augmentation needs batches that carry the samples' index")
+                inputs = self.augment(inputs, facts["index"], epoch)
+            facts["epoch"] = epoch
             faults.reached("step")
+            labels = labels.to(self.device) if labels is not None else None
             closes_group = (index + 1) % c.accumulate == 0 or index + 1 == self.steps_per_epoch
             lr = self.scheduler.get_last_lr()[0]  # the rate this step's update (if any) uses
-            out = self._step(move(inputs, self.device), labels.to(self.device), indices, state, closes_group)
+            out = self._forward_backward(move(inputs, self.device), labels, facts, state, closes_group)
+            pending += 1
+            if closes_group:
+                self._update(pending)
+                pending = 0
+                state["update"] += 1
             scalars = {k: float(v.detach()) for k, v in out.items() if isinstance(v, Tensor) and v.dim() == 0}
             scalars = distributed.mean_over_ranks(scalars, self.world)
-            logits = out.get("logits")
-            if isinstance(logits, Tensor):
-                running.add_accuracy(logits.detach(), labels.to(self.device))
-            running.add_loss(scalars["loss"])
-            writer.step({"epoch": epoch + 1, "batch": index, "step": state["update"], "lr": lr, **scalars})
+            self.running.add(scalars["loss"], out.get("logits"), labels)
             state["batch"] = index + 1
-            bar.update(1)
-            bar.set_postfix(running.postfix(), refresh=False)
+            record = {"epoch": epoch + 1, "batch": index, "step": state["update"], "lr": lr, **scalars}
+            self._fire_step(state, record)
             # A stop (Ctrl-C) waits for the end of the accumulation group: a checkpoint taken mid-group
             # would lose the gradients accumulated so far, and the resumed run would differ.
             if closes_group:
-                self._stop_requested = distributed.any_rank(self._stop_requested, self.world)
-                if self._stop_requested:
-                    break
-        bar.close()
+                self.stop_requested = distributed.any_rank(self.stop_requested, self.world)
+                if self.stop_requested or self._finished(state):
+                    return
+        if pending:  # data of unknown length ended mid-group: that group is an update too
+            self._update(pending)
+            state["update"] += 1
 
-    def _step(
-        self, inputs: Tensor, labels: Tensor, indices: Tensor, state: dict[str, Any], closes_group: bool
+    def _fire_step(self, state: dict[str, Any], record: dict[str, float]) -> None:
+        for callback in self.callbacks:
+            callback.on_step_end(self, state, record)
+
+    def _forward_backward(
+        self, inputs: Any, labels: Tensor | None, facts: dict[str, Any], state: dict[str, Any], closes_group: bool
     ) -> Mapping[str, Tensor]:
-        """One micro-batch: forward, backward of its share of the group's mean loss, and the
-        optimizer update when it ``closes_group`` (the ``accumulate``-th batch, or the epoch's last)."""
-        c = self.config
+        """One micro-batch: forward, and backward of its loss (gradients are averaged over the
+        group at the update)."""
         autocast = (
             torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
         )
         where = f"at step {state['update']} (epoch {state['epoch'] + 1}); the last good checkpoint is kept"
         # DDP: gradients are all-reduced only on the group's last backward.
         no_sync = self.forward_model.no_sync() if self.world.distributed and not closes_group else nullcontext()
+        keywords = {name: _to(facts[name], self.device) for name in self.facts if name in facts}
         with no_sync:
             try:
                 with autocast:
-                    keywords = {"indices": indices, "epoch": state["epoch"]}
-                    out = self.forward_model(inputs, labels, **{k: keywords[k] for k in self.batch_keywords})
+                    out = self.forward_model(inputs, labels, **keywords)
             except NonFiniteLossError as error:  # raised by the Distiller, which names the term
                 raise NonFiniteLossError(f"{error} {where}", term=error.term, step=state["update"]) from None
             loss = out["loss"]
@@ -317,20 +369,22 @@ class Trainer:
                 terms = [k for k, v in out.items() if isinstance(v, Tensor) and v.dim() == 0 and not torch.isfinite(v)]
                 term = next((t for t in terms if t != "loss"), "loss")
                 raise NonFiniteLossError(f"non-finite loss in term {term} {where}", term=term, step=state["update"])
-            # The group's gradient is the mean over its batches; the epoch's last group may be shorter.
-            group_start = state["batch"] - state["batch"] % c.accumulate
-            group_size = min(c.accumulate, self.steps_per_epoch - group_start)
-            self.scaler.scale(loss / group_size).backward()
-        if closes_group:
-            if c.grad_clip is not None:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(self.parameters, c.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scheduler.step()
-            state["update"] += 1
+            self.scaler.scale(loss).backward()
         return out
+
+    def _update(self, group_size: int) -> None:
+        """The optimizer step on the mean gradient of the group's ``group_size`` batches."""
+        if group_size > 1:
+            for parameter in self.parameters:
+                if parameter.grad is not None:
+                    parameter.grad.div_(group_size)
+        if self.config.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.parameters, self.config.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
 
     def _evaluate(self) -> dict[str, float]:
         faults.reached("evaluate")
@@ -340,23 +394,8 @@ class Trainer:
                 record[f"{name}/{metric}"] = value
         return record
 
-    def _select(self, state: dict[str, Any], record: dict[str, float]) -> bool:
-        """Update the best epoch; return True when early stopping says stop."""
-        if self.select_on is None:
-            state["best_epoch"] = record["epoch"]
-            return False
-        accuracy = record[f"{self.select_on}/accuracy"]
-        if state["best_accuracy"] is None or accuracy > state["best_accuracy"]:
-            state["best_accuracy"], state["best_epoch"], state["stale"] = accuracy, record["epoch"], 0
-            if self.writes:
-                save_weights(self.eval_model.state_dict(), self.run_dir / f"{self.weights_name}_best.safetensors")
-        else:
-            state["stale"] += 1
-        patience = self.config.early_stopping
-        return patience is not None and state["stale"] >= patience
-
-    def _epoch_line(self, record: dict[str, float], state: dict[str, Any]) -> str:
-        parts = [f"{self.description} epoch {record['epoch']}/{self.config.epochs}"]
+    def _epoch_line(self, record: dict[str, float]) -> str:
+        parts = [f"{self.description} epoch {record['epoch']}/{self.epochs or '?'}"]
         parts += [f"{k} {v:.4f}" for k, v in record.items() if k.endswith("accuracy")]
         parts.append(f"{record['seconds']:.0f}s")
         return "  ".join(parts)
@@ -407,41 +446,17 @@ class Trainer:
             raise CheckpointError(f"{path}: its RNG state or position is damaged ({type(error).__name__})") from None
         return state, history
 
-    # -- Ctrl-C ------------------------------------------------------------------------------
-
-    def _sigint_requests_stop(self):
-        """While training, the first Ctrl-C finishes the current step, checkpoints and returns;
-        a second one interrupts at once."""
-        trainer = self
-
-        class Handler:
-            def __enter__(self):
-                self.previous = None
-                if threading.current_thread() is threading.main_thread():
-                    self.previous = signal.signal(signal.SIGINT, self.handle)
-                return self
-
-            def handle(self, signum, frame):
-                if trainer._stop_requested:
-                    raise KeyboardInterrupt
-                trainer._stop_requested = True
-
-            def __exit__(self, *exc):
-                if self.previous is not None:
-                    signal.signal(signal.SIGINT, self.previous)
-
-        return Handler()
-
 
 class _Running:
     def __init__(self) -> None:
         self.loss_sum, self.loss_count, self.correct, self.seen = 0.0, 0, 0, 0
 
-    def add_loss(self, value: float) -> None:
-        self.loss_sum += value
+    def add(self, loss: float, logits: Any, labels: Tensor | None) -> None:
+        self.loss_sum += loss
         self.loss_count += 1
-
-    def add_accuracy(self, logits: Tensor, labels: Tensor) -> None:
+        if not isinstance(logits, Tensor) or labels is None:
+            return
+        logits = logits.detach()
         if logits.dim() == 2 and labels.dim() == 1 and logits.shape[0] == labels.shape[0]:
             self.correct += int((logits.argmax(-1) == labels).sum())
             self.seen += labels.numel()
@@ -453,66 +468,8 @@ class _Running:
         return out
 
 
-class _MetricsWriter:
-    """``metrics.jsonl`` (one JSON object per step and per epoch) and TensorBoard events."""
-
-    def __init__(self, run_dir: Path | None, keep_through: tuple[int, int] | None) -> None:
-        self.path = run_dir / "metrics.jsonl" if run_dir is not None else None
-        self.handle = None
-        self.tensorboard = None
-        if self.path is None:
-            return
-        run_dir.mkdir(parents=True, exist_ok=True)
-        if keep_through is not None and self.path.exists():
-            # Resuming: drop records written after the checkpoint, they will be written again.
-            kept = [line for line in self.path.read_text().splitlines() if _before(json.loads(line), *keep_through)]
-            self.path.write_text("".join(line + "\n" for line in kept))
-        elif self.path.exists():
-            self.path.unlink()
-        self.handle = self.path.open("a")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
-        except ImportError:  # the optional `tensorboard` extra is not installed
-            self.tensorboard = None
-
-    def step(self, record: dict[str, float]) -> None:
-        self._write({"kind": "step", **record})
-        if self.tensorboard is not None:
-            for key, value in record.items():
-                if key not in ("epoch", "batch", "step"):
-                    self.tensorboard.add_scalar(f"train/{key}", value, record["step"])
-
-    def epoch(self, record: dict[str, float], step: int) -> None:
-        self._write({"kind": "epoch", "step": step, **record})
-        if self.tensorboard is not None:
-            for key, value in record.items():
-                if "/" in key:
-                    self.tensorboard.add_scalar(key, value, record["epoch"])
-
-    def _write(self, record: dict[str, Any]) -> None:
-        if self.handle is not None:
-            self.handle.write(json.dumps(record) + "\n")
-            self.handle.flush()
-
-    def close(self) -> None:
-        if self.handle is not None:
-            self.handle.close()
-        if self.tensorboard is not None:
-            self.tensorboard.close()
-
-
-def _before(record: dict[str, Any], epochs_done: int, batches_done: int) -> bool:
-    """Was ``record`` written before a checkpoint taken after ``epochs_done`` epochs and
-    ``batches_done`` batches of the next one?"""
-    if record.get("kind") == "epoch":
-        return record["epoch"] <= epochs_done
-    return record["epoch"] <= epochs_done or (record["epoch"] == epochs_done + 1 and record["batch"] < batches_done)
-
-
-def _generator(seed: int, epoch: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+def _to(value: Any, device: torch.device) -> Any:
+    return value.to(device) if isinstance(value, Tensor) else value
 
 
 def _cuda_rng() -> dict[str, Any]:
