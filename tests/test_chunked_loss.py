@@ -493,3 +493,17 @@ def test_the_losses_module_re_exports_the_chunked_loss():
     from kdistill.losses import chunked_distillation_loss
 
     assert chunked_distillation_loss is chunked.chunked_distillation_loss
+
+
+def test_cli_refuses_a_new_divergence_with_a_top_k_cache_in_one_line(capsys, tmp_path, monkeypatch):
+    from tests.test_cli import test_bad_input_gets_one_line_and_exit_2 as one_line_and_exit_2
+
+    args = ["train", "/dev/null", "--set", "distill.response_loss=tvd", "--set", "distill.cache_storage=topk"]
+    one_line_and_exit_2(args, "supports the kl response loss only, not 'tvd'", capsys, tmp_path, monkeypatch)
+
+
+def test_cli_names_the_new_divergence_closest_to_a_typo(capsys, tmp_path, monkeypatch):
+    from tests.test_cli import test_bad_input_gets_one_line_and_exit_2 as one_line_and_exit_2
+
+    args = ["train", "/dev/null", "--set", "distill.response_loss=jds"]
+    one_line_and_exit_2(args, "unknown response loss 'jds'; did you mean 'jsd'", capsys, tmp_path, monkeypatch)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdistill import distributed, faults
+from kdistill import distributed, faults, losses
 from kdistill.cache import CachedDistillation, TeacherCache, check_space, fingerprint
 from kdistill.calls import call_model, default_logits
 from kdistill.checkpoint import atomic_write, save_weights
@@ -482,7 +482,11 @@ def prepare(config: Config, log: Log) -> Prepared:
 
 
 def check_cache_settings(config: Config) -> None:
+    """Loss names and the settings that cannot go together: checked before the data is loaded."""
     d = config.distill
+    losses.resolve(d.response_loss, losses.RESPONSE_LOSSES, "response")
+    for pair in d.feature_pairs if isinstance(d.feature_pairs, list) else []:
+        losses.resolve(pair.loss, losses.FEATURE_LOSSES, "feature")
     if d.teacher_cache != "off" and d.cache_storage == "topk" and d.response_loss != "kl":
         raise ConfigError(
             f"distill.cache_storage: topk keeps only the teacher's top-{d.cache_topk} logits, which supports the kl "
