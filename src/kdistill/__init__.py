@@ -21,7 +21,7 @@ from kdistill.errors import (
     NonFiniteLossError,
 )
 from kdistill.hooks import FeatureRecorder
-from kdistill.losses import FEATURE_LOSSES, RESPONSE_LOSSES
+from kdistill.losses import FEATURE_LOSSES, RESPONSE_LOSSES, register_feature_loss, register_response_loss
 
 __version__ = "0.1.0"
 
@@ -41,4 +41,6 @@ __all__ = [
     "NonFiniteLossError",
     "__version__",
     "build_adapter",
+    "register_feature_loss",
+    "register_response_loss",
 ]

@@ -410,6 +410,48 @@ RESPONSE_LOSSES: dict[str, ResponseLoss] = {
 FEATURE_LOSSES: dict[str, FeatureLoss] = {"mse": feature_mse, "cosine": feature_cosine}
 
 
+def register_response_loss(name: str, loss: ResponseLoss) -> None:
+    """Add ``loss`` to :data:`RESPONSE_LOSSES` as ``name`` (then ``distill.response_loss: name``).
+
+    ``loss(student_rows, teacher_rows, temperature)`` takes ``(R, C)`` logits rows and returns the
+    mean over rows of the divergence, without ``τ²`` (applied by :func:`response_loss`); it may also
+    take ``labels=`` (the kept rows' labels, as DKD does). A taken name or another signature is refused."""
+    _register(RESPONSE_LOSSES, "response", name, loss, ("student_rows", "teacher_rows", "temperature"))
+
+
+def register_feature_loss(name: str, loss: FeatureLoss) -> None:
+    """Add ``loss`` to :data:`FEATURE_LOSSES` as ``name`` (then a feature pair's ``loss: name``).
+
+    ``loss(student_feature, teacher_feature, mask)`` takes the adapted student feature, the teacher
+    feature (same shape) and a ``(N, T)`` token mask or None, and returns a scalar. A taken name or
+    another signature is refused."""
+    _register(FEATURE_LOSSES, "feature", name, loss, ("student_feature", "teacher_feature", "mask"))
+
+
+def _register(registry: dict[str, Callable], kind: str, name: str, loss: Callable, arguments: tuple[str, ...]) -> None:
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ConfigError(f"a {kind} loss name must be a word like 'my_kl', got {name!r}")
+    if name in registry:
+        raise ConfigError(f"{kind} loss {name!r} is taken (by {getattr(registry[name], '__name__', registry[name])})")
+    if not callable(loss):
+        raise ConfigError(f"{kind} loss {name!r} must be a function, got {type(loss).__name__}")
+    try:
+        signature = inspect.signature(loss)
+        signature.bind(*arguments)
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{kind} loss {name!r} must take ({', '.join(arguments)}), its signature is {_signature_text(loss)}"
+        ) from None
+    registry[name] = loss
+
+
+def _signature_text(loss: Callable) -> str:
+    try:
+        return str(inspect.signature(loss))
+    except (TypeError, ValueError):
+        return "unknown"
+
+
 def resolve(loss: str | Callable, registry: dict[str, Callable], kind: str) -> Callable:
     """A loss function from a registry name or the function itself."""
     if callable(loss):
