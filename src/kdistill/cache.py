@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from kdistill import faults
 from kdistill.calls import call_model, default_logits, first_tensor, split_labels
 from kdistill.checkpoint import file_sha256, verify_file, write_failure
-from kdistill.data import Inputs, ShiftViews, TensorData, move, primary, select
+from kdistill.data import Data, Inputs, ShiftViews, TensorData, first_inputs, move, primary, select
 from kdistill.errors import CheckpointError, KDistillError
 from kdistill.hooks import FeatureRecorder
 from kdistill.losses import TopKLogits
@@ -70,7 +70,7 @@ def tensor_digest(tensors: Sequence[Tensor]) -> str:
 
 def fingerprint(
     teacher: nn.Module,
-    data: TensorData,
+    data: Data,
     augment: ShiftViews | None,
     layers: Sequence[str],
     storage: str,
@@ -81,7 +81,7 @@ def fingerprint(
     found = {
         "format": FORMAT,
         "teacher": tensor_digest(list(teacher.state_dict().values())),
-        "data": tensor_digest([*_tensors(data.inputs), data.labels]),
+        "data": data_digest(data),
         "augment": augment.identity() if augment is not None else "none",
         "layers": list(layers),
         "storage": storage,
@@ -91,6 +91,17 @@ def fingerprint(
     return found
 
 
+def data_digest(data: Data) -> str:
+    """The fingerprint of a split's inputs and labels (a lazy split is read through once)."""
+    if isinstance(data, TensorData):
+        return tensor_digest([*_tensors(data.inputs), data.labels])
+    sha = hashlib.sha256()
+    for indices in data.index_batches(1024):
+        sha.update(tensor_digest([data.take(indices)[0]]).encode())
+    sha.update(tensor_digest([data.labels]).encode())
+    return sha.hexdigest()[:20]
+
+
 def _tensors(inputs: Inputs) -> list[Tensor]:
     return [inputs[key] for key in sorted(inputs)] if isinstance(inputs, dict) else [inputs]
 
@@ -98,6 +109,11 @@ def _tensors(inputs: Inputs) -> list[Tensor]:
 def token_length(inputs: Inputs) -> int | None:
     """The number of tokens of token inputs (``None`` for tensors)."""
     return int(primary(inputs).shape[1]) if isinstance(inputs, dict) and "input_ids" in inputs else None
+
+
+def first_rows(data: Data, indices: Tensor) -> Inputs:
+    """The inputs of ``indices``, token inputs untrimmed (every cached row has the full length)."""
+    return select(data.inputs, indices) if isinstance(data, TensorData) else data.take(indices)[0]
 
 
 class TeacherCache:
@@ -164,7 +180,7 @@ class TeacherCache:
         cls,
         directory: str | Path,
         teacher: nn.Module,
-        data: TensorData,
+        data: Data,
         *,
         layers: Sequence[str] = (),
         augment: ShiftViews | None = None,
@@ -209,7 +225,7 @@ class TeacherCache:
                 bar = tqdm(total=views * n, desc="teacher cache", disable=progress is False or None, leave=False)
                 for view in range(views):
                     for indices in data.index_batches(batch_size):
-                        inputs = select(data.inputs, indices)  # token inputs untrimmed: one shape for all
+                        inputs = first_rows(data, indices)  # token inputs untrimmed: one shape for all
                         if augment is not None:
                             inputs = augment(inputs, indices, view)
                         recorder.clear()
@@ -252,7 +268,7 @@ class TeacherCache:
                 "fingerprint": expected,
                 "samples": n,
                 "views": views,
-                "tokens": token_length(data.inputs),
+                "tokens": token_length(data.inputs) if isinstance(data, TensorData) else None,
                 "bytes_per_sample": sum(_row_bytes(*spec) for spec in layout.values()),
                 "sha256": digests,
             }
@@ -350,7 +366,7 @@ def _human(size: float) -> str:
 def check_space(
     directory: Path,
     teacher: nn.Module,
-    data: TensorData,
+    data: Data,
     *,
     layers: Sequence[str] = (),
     views: int = 1,
@@ -364,7 +380,7 @@ def check_space(
     teacher.eval()
     try:
         with FeatureRecorder(teacher, layers, feature_fn, "teacher") as recorder, torch.no_grad():
-            inputs, _ = split_labels(select(data.inputs, torch.arange(min(2, len(data)))))
+            inputs, _ = split_labels(first_inputs(data, 2))
             recorder.clear()
             logits = default_logits(call_model(teacher, inputs))
             features = recorder.pop()

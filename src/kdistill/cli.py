@@ -398,7 +398,9 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.format == "onnx":
         if splits.test.is_text:
             raise KDistillError("export: ONNX export takes tensor inputs; export text models as safetensors")
-        export_onnx(student, splits.test.inputs[:1], out)
+        from kdistill.data import first_inputs
+
+        export_onnx(student, first_inputs(splits.test, 1), out)
     else:
         export_safetensors(student, out)
     print(f"wrote {out} ({out.stat().st_size / 1e6:.3f} MB)")

@@ -111,14 +111,96 @@ class TensorData:
             yield order[start : start + batch_size]
 
 
+class LazyData:
+    """A map-style dataset of ``(input, label)`` items read one at a time, never copied whole: a
+    dataset factory's datasets as they are. It offers what :class:`TensorData` offers (``take``,
+    ``batches``, ``__getitems__`` for a ``DataLoader``, ``labels``), reading only the items asked for,
+    and applies the normalisation ``(x − mean) / std`` on the fly.
+
+    Args:
+        dataset: anything with ``__len__`` and ``__getitem__`` returning ``(input, label)``.
+        rows: the dataset positions this split holds (default: all).
+        labels: their labels ``(N,)``, if known (else read once, item by item, or from ``targets``).
+        source: how to name the dataset in errors.
+    """
+
+    def __init__(
+        self, dataset: Any, rows: Tensor | None = None, labels: Tensor | None = None, source: str = "dataset"
+    ) -> None:
+        self.dataset, self.source = dataset, source
+        self.rows = torch.arange(len(dataset)) if rows is None else rows
+        self.mean, self.std = 0.0, 1.0
+        self.labels = labels if labels is not None else self._read_labels()
+
+    def _read_labels(self) -> Tensor:
+        targets = getattr(self.dataset, "targets", None)
+        if targets is not None and len(targets) == len(self.dataset):
+            return torch.as_tensor(targets, dtype=torch.long)[self.rows]
+        return torch.tensor([int(self._item(int(row))[1]) for row in self.rows], dtype=torch.long)
+
+    def _item(self, row: int) -> tuple[Any, Any]:
+        try:
+            return self.dataset[row]
+        except Exception as error:  # the user's dataset may raise anything
+            raise ConfigError(f"{self.source}: cannot read item {row} as an (input, label) pair: {error}") from None
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def is_text(self) -> bool:
+        return False
+
+    def raw(self, indices: Tensor) -> Tensor:
+        """The un-normalised inputs of positions ``indices`` of this split, stacked ``(B, ...)``."""
+        try:
+            return torch.stack(
+                [torch.as_tensor(self._item(int(self.rows[i]))[0], dtype=torch.float32) for i in indices]
+            )
+        except RuntimeError as error:
+            raise ConfigError(f"{self.source}: its inputs differ in shape: {error}") from None
+
+    def take(self, indices: Tensor) -> tuple[Tensor, Tensor]:
+        """The batch ``indices``: ``(inputs, labels)``, normalised."""
+        return (self.raw(indices) - self.mean) / self.std, self.labels[indices]
+
+    def subset(self, positions: Tensor) -> LazyData:
+        """The split made of this split's ``positions``."""
+        part = LazyData(self.dataset, self.rows[positions], self.labels[positions], self.source)
+        part.mean, part.std = self.mean, self.std
+        return part
+
+    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
+        index = torch.as_tensor(indices, dtype=torch.long)
+        inputs, labels = self.take(index)
+        return {"inputs": inputs, "labels": labels, "index": index}
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        inputs, labels = self.take(torch.tensor([index]))
+        return inputs[0], labels[0]
+
+    def batches(self, batch_size: int, order: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
+        for indices in self.index_batches(batch_size, order):
+            yield self.take(indices)
+
+    def index_batches(self, batch_size: int, order: Tensor | None = None) -> Iterator[Tensor]:
+        order = torch.arange(len(self)) if order is None else order
+        for start in range(0, len(self), batch_size):
+            yield order[start : start + batch_size]
+
+
+Data = TensorData | LazyData
+STATISTICS_SAMPLE = 2_000  # inputs read to estimate a lazy dataset's mean and standard deviation
+
+
 @dataclass
 class Splits:
     """The fixed splits of one dataset and what models need to know about it."""
 
     name: str
-    train: TensorData
-    validation: TensorData | None
-    test: TensorData
+    train: Data
+    validation: Data | None
+    test: Data
     num_classes: int
     # splits_digest of the data as loaded, before normalisation: the normalised values depend on how
     # many threads summed the mean, the loaded ones do not (load_data sets it; see splits_digest).
@@ -127,6 +209,8 @@ class Splits:
     @property
     def input_shape(self) -> tuple[int, ...]:
         """One sample's shape; ``(T,)``, the padded length, for token inputs."""
+        if isinstance(self.train, LazyData):
+            return tuple(self.train.raw(torch.arange(1)).shape[1:])
         return tuple(primary(self.train.inputs).shape[1:])
 
 
@@ -154,10 +238,13 @@ def load_data(config: DataConfig) -> Splits:
         )
     validation = None
     if config.validation_fraction > 0:
-        train, validation = _split(train.inputs, train.labels, config.validation_fraction)
+        train, validation = _split_data(train, config.validation_fraction)
     if config.train_samples is not None and config.train_samples < len(train):
         keep = slice(0, config.train_samples)  # the split is shuffled already: a fixed random subset
-        train = TensorData(select(train.inputs, keep), train.labels[keep])
+        if isinstance(train, LazyData):
+            train = train.subset(torch.arange(config.train_samples))
+        else:
+            train = TensorData(select(train.inputs, keep), train.labels[keep])
     _check(train, "training", name)
     _check(test, "test", name)
     if validation is not None:
@@ -165,7 +252,13 @@ def load_data(config: DataConfig) -> Splits:
     _check_shapes(train, test, name)
     num_classes = _num_classes(name, train, validation, test)
     source_digest = _digest(train, validation, test)
-    if not train.is_text:
+    if isinstance(train, LazyData):  # statistics from a bounded sample; applied item by item
+        sample = train.raw(torch.arange(min(len(train), STATISTICS_SAMPLE)))
+        mean, std = float(sample.mean()), float(sample.std().clamp_min(1e-6))
+        for part in (train, validation, test):
+            if part is not None:
+                part.mean, part.std = mean, std
+    elif not train.is_text:
         mean, std = train.inputs.mean(), train.inputs.std().clamp_min(1e-6)
         for part in (train, validation, test):
             if part is not None:
@@ -253,6 +346,15 @@ def _split(inputs: Inputs, labels: Tensor, fraction: float) -> tuple[TensorData,
     held_out = max(1, round(fraction * len(labels))) if len(labels) > 1 else 0
     first, second = order[held_out:], order[:held_out]
     return TensorData(select(inputs, first), labels[first]), TensorData(select(inputs, second), labels[second])
+
+
+def _split_data(data: Data, fraction: float) -> tuple[Data, Data]:
+    """:func:`_split` of a whole split, lazy or in memory (the same samples either way)."""
+    if not isinstance(data, LazyData):
+        return _split(data.inputs, data.labels, fraction)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(SPLIT_SEED))
+    held_out = max(1, round(fraction * len(data))) if len(data) > 1 else 0
+    return data.subset(order[held_out:]), data.subset(order[:held_out])
 
 
 def _image_folder(root: Path, image_size: list[int] | None) -> tuple[Tensor, Tensor]:
@@ -408,19 +510,22 @@ def _factory(path: str) -> tuple[TensorData, TensorData]:
         train, test = parts
     except (TypeError, ValueError) as error:
         raise ConfigError(f"dataset factory {path!r} must return (train, test) datasets: {error}") from None
-    return _materialise(train, path, "train"), _materialise(test, path, "test")
+    return _lazy(train, path, "train"), _lazy(test, path, "test")
 
 
-def _materialise(dataset: object, source: str, part: str) -> TensorData:
+def _lazy(dataset: object, source: str, part: str) -> LazyData:
+    """A factory's dataset used as it is: items are read when a batch needs them (labels once)."""
+    if not (hasattr(dataset, "__len__") and hasattr(dataset, "__getitem__")):
+        raise ConfigError(
+            f"dataset factory {source!r}: its {part} set must be a map-style dataset (len and [i]), "
+            f"got {type(dataset).__name__}"
+        )
     try:
-        items = [dataset[i] for i in range(len(dataset))]  # type: ignore[index, arg-type]
-        inputs = torch.stack([torch.as_tensor(x, dtype=torch.float32) for x, _ in items])
-        labels = torch.tensor([int(y) for _, y in items], dtype=torch.long)
-    except Exception as error:  # the user's dataset may raise anything
+        return LazyData(dataset, source=f"dataset factory {source!r} ({part} set)")
+    except (TypeError, ValueError) as error:
         raise ConfigError(
             f"dataset factory {source!r}: cannot read its {part} set as (input, label) pairs: {error}"
         ) from None
-    return TensorData(inputs, labels)
 
 
 def _check(part: TensorData, which: str, name: str) -> None:
@@ -432,10 +537,18 @@ def _check(part: TensorData, which: str, name: str) -> None:
             f"dataset {name!r}: the training split has 1 sample after holding out the test and validation "
             "samples; kdistill needs at least 2: add data, or lower data.test_fraction / data.validation_fraction"
         )
-    if not part.is_text and not torch.isfinite(part.inputs).all():
+    inputs = part.raw(torch.arange(min(len(part), STATISTICS_SAMPLE))) if isinstance(part, LazyData) else part.inputs
+    if not part.is_text and not torch.isfinite(inputs).all():
         raise ConfigError(f"dataset {name!r}: the {which} inputs contain NaN or infinite values")
     if int(part.labels.min()) < 0:
         raise ConfigError(f"dataset {name!r}: the {which} labels contain negative values ({int(part.labels.min())})")
+
+
+def first_inputs(part: Data, count: int) -> Inputs:
+    """The (normalised, untrimmed) inputs of a split's first ``count`` samples."""
+    if isinstance(part, LazyData):
+        return part.take(torch.arange(min(count, len(part))))[0]
+    return select(part.inputs, slice(0, count))
 
 
 def _check_shapes(train: TensorData, test: TensorData, name: str) -> None:
@@ -443,7 +556,7 @@ def _check_shapes(train: TensorData, test: TensorData, name: str) -> None:
     (a CNN with global pooling even runs on larger images, silently)."""
     if train.is_text or test.is_text:
         return  # tokenized together: one padded length
-    train_shape, test_shape = tuple(train.inputs.shape[1:]), tuple(test.inputs.shape[1:])
+    train_shape, test_shape = (tuple(first_inputs(part, 1).shape[1:]) for part in (train, test))
     if train_shape != test_shape:
         raise ConfigError(
             f"dataset {name!r}: the test inputs have shape {test_shape} but the training inputs {train_shape}; "
@@ -478,11 +591,18 @@ def splits_digest(splits: Splits) -> str:
     return _digest(splits.train, splits.validation, splits.test)
 
 
-def _digest(train: TensorData, validation: TensorData | None, test: TensorData) -> str:
+def _digest(train: Data, validation: Data | None, test: Data) -> str:
     sha = hashlib.sha256()
     for which, part in (("train", train), ("validation", validation), ("test", test)):
         if part is None:
             sha.update(f"{which}:none;".encode())
+            continue
+        if isinstance(part, LazyData):  # streamed, a bounded batch at a time
+            for start in range(0, len(part), 1024):
+                batch = part.raw(torch.arange(start, min(len(part), start + 1024)))
+                sha.update(f"{which}.inputs[{start}]:{tuple(batch.shape)};".encode())
+                sha.update(batch.contiguous().reshape(-1).view(torch.uint8).numpy())
+            sha.update(part.labels.contiguous().view(torch.uint8).numpy())
             continue
         tensors = sorted(part.inputs.items()) if isinstance(part.inputs, Mapping) else [("inputs", part.inputs)]
         for key, tensor in [*tensors, ("labels", part.labels)]:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from kdistill.calls import call_model, default_logits
-from kdistill.data import Inputs, TensorData, primary, select, trim_padding
+from kdistill.data import Data, Inputs, first_inputs, primary, select, trim_padding
 
 ROLES = ("teacher", "baseline", "student")
 
@@ -35,7 +35,7 @@ def size_mb(model: nn.Module) -> float:
 
 
 @torch.inference_mode()
-def predictions(model: nn.Module, data: TensorData, batch_size: int) -> torch.Tensor:
+def predictions(model: nn.Module, data: Data, batch_size: int) -> torch.Tensor:
     model.eval()
     return torch.cat([default_logits(call_model(model, inputs)).argmax(-1) for inputs, _ in data.batches(batch_size)])
 
@@ -87,13 +87,13 @@ def _interleaved(models: Mapping[str, nn.Module], inputs: Inputs, rounds: int) -
 
 
 def measure(
-    models: Mapping[str, nn.Module], test: TensorData, batch_size: int = 256, timing_rounds: int = 100
+    models: Mapping[str, nn.Module], test: Data, batch_size: int = 256, timing_rounds: int = 100
 ) -> dict[str, Any]:
     """``report.json``'s content for ``models`` (``teacher`` first; ``student`` and, when
     trained, ``baseline`` after it), evaluated on ``test`` on the CPU."""
     models = {name: model.to("cpu").eval() for name, model in models.items()}
     predicted = {name: predictions(model, test, batch_size) for name, model in models.items()}
-    timings = time_models(models, test.inputs, batch_size, rounds=timing_rounds)
+    timings = time_models(models, first_inputs(test, batch_size), batch_size, rounds=timing_rounds)
     report: dict[str, Any] = {}
     for name, model in models.items():
         entry = {

@@ -1,0 +1,56 @@
+"""A dataset factory's datasets are used as they are: read item by item, never copied whole."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from kdistill.cli import main
+from kdistill.config import DataConfig
+from kdistill.data import LazyData, load_data
+from tests import lazy_factories
+from tests.test_cli import TINY
+
+
+def test_a_factory_dataset_is_used_as_it_is_not_copied():
+    splits = load_data(DataConfig(dataset="tests.lazy_factories:with_targets", augment="none"))
+    assert isinstance(splits.train, LazyData) and isinstance(splits.test, LazyData)
+    assert splits.train.dataset is splits.validation.dataset  # one dataset object, split by rows
+    assert splits.input_shape == (1, 8, 8) and splits.num_classes == 4
+    lazy_factories.READS["items"] = 0
+    inputs, _ = splits.train.take(torch.arange(5))
+    assert inputs.shape == (5, 1, 8, 8) and lazy_factories.READS["items"] == 5  # only what a batch needs
+    assert abs(float(splits.train.take(torch.arange(len(splits.train)))[0].mean())) < 0.2  # normalised
+
+
+def test_labels_come_from_targets_without_reading_the_inputs():
+    lazy_factories.READS["items"] = 0
+    x, y = lazy_factories.arrays()
+    LazyData(lazy_factories.Items(x, y, with_targets=True))
+    assert lazy_factories.READS["items"] == 0
+    LazyData(lazy_factories.Items(x, y))
+    assert lazy_factories.READS["items"] == len(y)  # no targets: each label read once
+
+
+@pytest.mark.slow
+def test_a_factory_trains_the_same_student_as_the_same_arrays_in_memory(tmp_path, monkeypatch):
+    monkeypatch.setenv("KDISTILL_CACHE", str(tmp_path / "cache"))
+    x, y = lazy_factories.arrays()
+    np.savez(tmp_path / "same.npz", x_train=x[:160], y_train=y[:160], x_test=x[160:], y_test=y[160:])
+    common = [*TINY, "--set", "data.augment=none", "--set", "data.batch_size=32", "--quiet"]
+    lazy = ["--set", "data.dataset=tests.lazy_factories:same_as_npz"]
+    eager = ["--set", "data.dataset=npz", "--set", f"data.path={tmp_path / 'same.npz'}"]
+    for name, source in (("lazy", lazy), ("eager", eager)):
+        assert main(["train", "/dev/null", "--out", str(tmp_path / name), *common, *source]) == 0
+    for phase in ("baseline", "distill"):
+        first, second = (load_file(str(tmp_path / run / phase / "student.safetensors")) for run in ("lazy", "eager"))
+        assert all(torch.equal(first[k], second[k]) for k in first), phase
+
+
+def test_a_factory_that_returns_no_datasets_is_one_line(capsys, tmp_path):
+    args = ["train", "/dev/null", "--out", str(tmp_path / "out"), "--quiet"]
+    assert main([*args, "--set", "data.dataset=tests.lazy_factories:not_a_dataset"]) == 2
+    err = capsys.readouterr().err
+    assert "must be a map-style dataset" in err and len(err.strip().splitlines()) == 1, err
