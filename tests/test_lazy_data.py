@@ -54,3 +54,29 @@ def test_a_factory_that_returns_no_datasets_is_one_line(capsys, tmp_path):
     assert main([*args, "--set", "data.dataset=tests.lazy_factories:not_a_dataset"]) == 2
     err = capsys.readouterr().err
     assert "must be a map-style dataset" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_image_folder_is_decoded_batch_by_batch(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from kdistill.data import FolderImages
+
+    rng = np.random.default_rng(0)
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for index in range(6):
+            pixels = rng.integers(0, 256, size=(5, 7), dtype=np.uint8)
+            Image.fromarray(pixels).save(tmp_path / label / f"{index}.png")
+    splits = load_data(DataConfig(dataset="folder", path=str(tmp_path), augment="none", validation_fraction=0))
+    assert isinstance(splits.train, LazyData) and isinstance(splits.train.dataset, FolderImages)
+    assert splits.input_shape == (1, 5, 7)
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(Image, "open", lambda path, *a, **k: opened.append(path) or real_open(path, *a, **k))
+    inputs, labels = splits.train.take(torch.arange(3))
+    assert len(opened) == 3  # only this batch's files
+    row = int(splits.train.rows[1])
+    want = np.asarray(real_open(splits.train.dataset.files[row]), dtype=np.float32) / 255.0
+    got = inputs[1, 0] * splits.train.std + splits.train.mean
+    torch.testing.assert_close(got, torch.from_numpy(want), rtol=0, atol=1e-6)
+    assert int(labels[1]) == splits.train.dataset.targets[row]

@@ -222,7 +222,8 @@ def load_data(config: DataConfig) -> Splits:
     elif name == "digits":
         train, test = _digits()
     elif name == "folder":
-        train, test = _split(*_image_folder(Path(config.path), config.image_size), config.test_fraction)
+        images = _image_folder(Path(config.path), config.image_size, config.batch_size)
+        train, test = _split_data(LazyData(images, source=f"image folder {config.path!r}"), config.test_fraction)
     elif name == "npz":
         train, test = _npz(Path(config.path), config.test_fraction)
     elif config.is_text:
@@ -357,8 +358,9 @@ def _split_data(data: Data, fraction: float) -> tuple[Data, Data]:
     return data.subset(order[held_out:]), data.subset(order[:held_out])
 
 
-def _image_folder(root: Path, image_size: list[int] | None) -> tuple[Tensor, Tensor]:
-    """Images under ``root/<class>/``; classes in sorted order; grayscale unless any is colour."""
+def _image_folder(root: Path, image_size: list[int] | None, batch_size: int = 128) -> FolderImages:
+    """Images under ``root/<class>/``; classes in sorted order; grayscale unless any is colour. Only
+    the headers are read here (a corrupt file fails now); pixels are decoded when a batch needs them."""
     from PIL import Image, UnidentifiedImageError
 
     unreadable = (UnidentifiedImageError, Image.DecompressionBombError, OSError)
@@ -387,19 +389,34 @@ def _image_folder(root: Path, image_size: list[int] | None) -> tuple[Tensor, Ten
     mode = "L" if all(m in ("L", "1", "P", "I", "I;16") for m in modes) else "RGB"
     size = tuple(image_size[::-1]) if image_size else sizes[0]  # PIL sizes are (W, H)
     channels = 1 if mode == "L" else 3
-    _check_fits(len(files), channels, size[1], size[0])
-    inputs = np.empty((len(files), size[1], size[0], channels), dtype=np.float32)
-    for index, (path, _) in enumerate(files):  # one decoded image at a time
+    _check_fits(min(len(files), batch_size), channels, size[1], size[0])
+    return FolderImages([path for path, _ in files], [label for _, label in files], mode, size)
+
+
+class FolderImages(torch.utils.data.Dataset):
+    """An image folder's files, decoded one at a time when an item is asked for (in the DataLoader's
+    workers with ``data.workers``): ``(C, H, W)`` float32 in [0, 1] and the class index."""
+
+    def __init__(self, files: list[Path], labels: list[int], mode: str, size: tuple[int, int]) -> None:
+        self.files, self.targets, self.mode, self.size = files, labels, mode, size
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        from PIL import Image, UnidentifiedImageError
+
+        path = self.files[index]
         try:
             with Image.open(path) as image:
-                converted = image.convert(mode)
-        except unreadable as error:
+                converted = image.convert(self.mode)
+        except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
             raise ConfigError(f"cannot read image {str(path)!r}: {error}") from None
-        if converted.size != size:
-            converted = converted.resize(size)
-        inputs[index] = np.asarray(converted, dtype=np.float32).reshape(size[1], size[0], channels) / 255.0
-    tensor = torch.from_numpy(inputs).permute(0, 3, 1, 2)  # (N, H, W, C) → (N, C, H, W)
-    return tensor.contiguous(), torch.tensor([label for _, label in files], dtype=torch.long)
+        if converted.size != self.size:
+            converted = converted.resize(self.size)
+        width, height = self.size
+        array = np.asarray(converted, dtype=np.float32).reshape(height, width, -1) / 255.0
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous(), self.targets[index]
 
 
 def available_memory() -> int:
@@ -428,15 +445,15 @@ def format_bytes(count: float) -> str:
 
 
 def _check_fits(images: int, channels: int, height: int, width: int) -> None:
-    """Refuse, before decoding anything, a folder whose float32 tensor would not fit in memory; it is
-    held about twice while it is split and normalised."""
+    """Refuse, before decoding anything, image batches whose float32 tensor would not fit in memory
+    (a batch is held about twice while it is stacked and normalised)."""
     needed = 2 * images * channels * height * width * 4
     available = available_memory()
     if needed > available:
         plural = "s" if channels > 1 else ""
         raise ConfigError(
-            f"the image folder would need {format_bytes(needed)} of memory to hold {images} images of "
-            f"{height}×{width} ({channels} channel{plural}, float32, held twice while split and normalised); "
+            f"a batch of the image folder would need {format_bytes(needed)} of memory to hold {images} images of "
+            f"{height}×{width} ({channels} channel{plural}, float32, held twice while stacked and normalised); "
             f"{format_bytes(available)} are available: lower data.image_size"
         )
 
