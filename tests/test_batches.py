@@ -47,6 +47,34 @@ def test_a_users_shuffling_dataloader_resumes_bit_identically(tmp_path, workers)
         assert_same(reference_model.state_dict(), model.state_dict())
 
 
+class Noisy(torch.utils.data.Dataset):
+    """A random transform inside the dataset: it draws from torch's RNG for every item."""
+
+    def __init__(self) -> None:
+        self.data = tensors()
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index):
+        inputs, label = self.data[index]
+        return inputs + 0.1 * torch.rand_like(inputs), label
+
+
+@pytest.mark.parametrize(("workers", "at"), [(0, 4), (0, 9), (2, 6)])  # mid-epoch in-process; an epoch's end
+def test_a_dataloader_with_random_transforms_resumes_bit_identically(tmp_path, workers, at):
+    def loader():
+        return DataLoader(Noisy(), batch_size=16, shuffle=True, num_workers=workers)
+
+    reference, reference_model = run(loader, tmp_path / "reference")
+    reference.fit()
+    first, _ = run(loader, tmp_path / "run", at)
+    assert first.fit().interrupted
+    resumed, model = run(loader, tmp_path / "run")
+    resumed.fit(resume=True)
+    assert_same(reference_model.state_dict(), model.state_dict())
+
+
 def test_the_trainers_own_loader_with_workers_resumes_bit_identically(tmp_path):
     def trainer(run_dir, at=0):
         model = toy_model()

@@ -507,3 +507,15 @@ def test_cli_names_the_new_divergence_closest_to_a_typo(capsys, tmp_path, monkey
 
     args = ["train", "/dev/null", "--set", "distill.response_loss=jds"]
     one_line_and_exit_2(args, "unknown response loss 'jds'; did you mean 'jsd'", capsys, tmp_path, monkeypatch)
+
+
+def test_the_chunked_loss_keeps_its_precision_under_autocast():
+    torch.manual_seed(0)
+    hidden = torch.randn(12, 8, requires_grad=True)
+    head = torch.nn.Linear(8, 30)
+    teacher_hidden, teacher_head = torch.randn(12, 8).bfloat16(), torch.nn.Linear(8, 30)
+    labels = torch.randint(0, 30, (12,))
+    plain = chunked.chunked_distillation_loss(hidden, head, (teacher_hidden.float(), teacher_head), labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = chunked.chunked_distillation_loss(hidden, head, (teacher_hidden, teacher_head), labels)
+    torch.testing.assert_close(autocast["loss"], plain["loss"])

@@ -130,6 +130,9 @@ def epoch_batches(loader: Iterable, epoch: int, start: int = 0, seed: int = 0) -
     The epoch's order is made reproducible where the loader allows: a sampler with ``set_epoch``
     is told the epoch; a ``DataLoader(shuffle=True)``'s ``RandomSampler`` gets a generator seeded
     with ``(seed, epoch)`` (what a resumed epoch needs to repeat the interrupted one's order)."""
+    generator = getattr(loader, "generator", None)
+    if isinstance(generator, torch.Generator):  # the workers' seeds of epoch `epoch`, also after a resume
+        generator.manual_seed(seed * 1_000_003 + epoch)
     sampler = epoch_sampler(loader)
     if sampler is not None:
         sampler.set_epoch(epoch)
@@ -148,9 +151,9 @@ def epoch_batches(loader: Iterable, epoch: int, start: int = 0, seed: int = 0) -
     # so that a resumed epoch draws exactly what the uninterrupted one did.
     rng = torch.get_rng_state()
     iterator = iter(loader)
-    torch.set_rng_state(rng)
-    for _ in range(skip):
+    for _ in range(skip):  # replayed batches' random transforms draw nothing from the run's stream
         next(iterator, None)
+    torch.set_rng_state(rng)
     yield from iterator
 
 

@@ -193,8 +193,8 @@ class _Teacher:
                     f"{vocabulary} classes: they must be (N, {vocabulary})"
                 )
         elif isinstance(teacher, tuple) and len(teacher) == 2:
-            self.hidden = teacher[0].detach()
             self.weight, self.bias = (part.detach() if part is not None else None for part in _head_parts(teacher[1]))
+            self.hidden = teacher[0].detach().to(self.weight.dtype)  # e.g. bf16 hidden states, a float32 head
             found = self.hidden.shape[0]
             if self.hidden.dim() != 2 or self.weight.shape != (vocabulary, self.hidden.shape[1]):
                 raise ClassCountError(
@@ -489,17 +489,20 @@ def chunked_distillation_loss(
         needs_gradient=torch.is_grad_enabled()
         and any(part is not None and part.requires_grad for part in (student_hidden, weight, bias)),
     )
-    loss, ce, response = _ChunkedLoss.apply(
-        student_hidden,
-        weight,
-        bias,
-        teacher_rows,
-        flat_labels,
-        rows,
-        (response_weight, squared),
-        settings,
-        chunk_size,
-    )
+    # Under autocast the chunk's matmuls would come out in bf16/fp16 beside float32 gradients: the
+    # loss keeps its own precision rule (half inputs computed in float32), whatever the caller's autocast.
+    with torch.autocast(student_hidden.device.type, enabled=False):
+        loss, ce, response = _ChunkedLoss.apply(
+            student_hidden,
+            weight,
+            bias,
+            teacher_rows,
+            flat_labels,
+            rows,
+            (response_weight, squared),
+            settings,
+            chunk_size,
+        )
     return {"loss": loss, "ce": ce, "response": response}
 
 

@@ -133,9 +133,18 @@ class LazyData:
         self.labels = labels if labels is not None else self._read_labels()
 
     def _read_labels(self) -> Tensor:
+        """The labels: from ``targets`` when it agrees with the items' own labels on a sample (a
+        ``target_transform`` or one-hot targets would not), else read item by item."""
         targets = getattr(self.dataset, "targets", None)
         if targets is not None and len(targets) == len(self.dataset):
-            return torch.as_tensor(targets, dtype=torch.long)[self.rows]
+            try:
+                labels = torch.as_tensor(targets, dtype=torch.long)
+            except (TypeError, ValueError, RuntimeError):
+                labels = None
+            if labels is not None and labels.dim() == 1:
+                probe = self.rows[torch.linspace(0, len(self.rows) - 1, min(16, len(self.rows))).long()]
+                if all(int(labels[int(row)]) == int(self._item(int(row))[1]) for row in probe):
+                    return labels[self.rows]
         return torch.tensor([int(self._item(int(row))[1]) for row in self.rows], dtype=torch.long)
 
     def _item(self, row: int) -> tuple[Any, Any]:

@@ -295,7 +295,15 @@ def check_cache_space(config: Config, teacher: nn.Module, splits: Splits) -> Non
         return
     d = config.distill
     setting = d.teacher_cache
-    directory = cache_root(config) / "teacher-outputs" / "new" if setting == "auto" else Path(setting)
+    if setting == "auto":
+        root = cache_root(config) / "teacher-outputs"
+        if any(root.glob("*/meta.json")):  # one may be this run's: the build checks the space before writing
+            return
+        directory = root / "new"
+    else:
+        directory = Path(setting)
+        if (directory / "meta.json").exists():  # reused, or refused as stale: nothing new to write
+            return
     views = config.data.augment_views if config.data.augment != "none" else 1
     layers = list(dict.fromkeys(p.teacher for p in d.feature_pairs))
     check_space(

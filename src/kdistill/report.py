@@ -251,9 +251,13 @@ def markdown(report: Mapping[str, Any], title: str = "Compression report", plots
 
 def write_report(run_dir: Path, report: dict[str, Any], histories: Mapping[str, Path], title: str) -> list[Path]:
     """Write ``report.json``, ``report.md`` and the PNG plots into ``run_dir``; return the files."""
+    from kdistill.checkpoint import atomic_write
+
     plots = plot_report(run_dir, report, histories)
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (run_dir / "report.md").write_text(markdown(report, title, [p.relative_to(run_dir).as_posix() for p in plots]))
+    text = markdown(report, title, [p.relative_to(run_dir).as_posix() for p in plots])
+    atomic_write(run_dir / "report.md", lambda path: Path(path).write_text(text))
+    # Last: a finished run's report.json means every report file is in place (a --resume relies on it).
+    atomic_write(run_dir / "report.json", lambda path: Path(path).write_text(json.dumps(report, indent=2) + "\n"))
     return [run_dir / "report.json", run_dir / "report.md", *plots]
 
 

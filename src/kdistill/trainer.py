@@ -192,6 +192,10 @@ class Trainer:
             raise ConfigError("train.max_steps is required for data of unknown length (an iterable dataset)")
         if self.steps_per_epoch == 0:
             raise ConfigError("the training data yields no batches")
+        if self.steps_per_epoch is None and self.world.distributed and config.accumulate > 1:
+            # The group that ends an unknown-length pass is only known after its last backward, which
+            # ran without DDP's all-reduce: its update would drift the ranks apart.
+            raise ConfigError("train.accumulate > 1 needs data of known length under multi-process training")
         # Each epoch ends with an update, so a last group shorter than `accumulate` is an update too.
         self.updates_per_epoch = math.ceil(self.steps_per_epoch / config.accumulate) if self.steps_per_epoch else None
         if config.max_steps is not None:
