@@ -70,34 +70,21 @@ def move(inputs: Inputs, device: torch.device | str) -> Inputs:
     return inputs.to(device)
 
 
-@dataclass
-class TensorData:
-    """Inputs ``(N, ...)`` (a tensor, or a dict of token tensors) and integer labels ``(N,)`` in memory."""
-
-    inputs: Inputs
-    labels: Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
+class Batched:
+    """What both kinds of split offer beyond ``take(indices) -> (inputs, labels)`` and ``len``."""
 
     def take(self, indices: Tensor) -> tuple[Inputs, Tensor]:
-        """The batch ``indices``: ``(inputs, labels)``, token inputs trimmed to the longest sentence."""
-        return trim_padding(select(self.inputs, indices)), self.labels[indices]
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        raise NotImplementedError
 
     def __getitems__(self, indices: list[int]) -> dict[str, Any]:
         """A whole batch for a ``DataLoader`` (see :mod:`kdistill.batches`): ``inputs``, ``labels``
-        and the samples' ``index``, gathered by one tensor index instead of item by item."""
+        and the samples' ``index``, gathered at once instead of collated item by item."""
         index = torch.as_tensor(indices, dtype=torch.long)
         inputs, labels = self.take(index)
         return {"inputs": inputs, "labels": labels, "index": index}
-
-    def __getitem__(self, index: int) -> tuple[Inputs, Tensor]:
-        """One sample ``(input, label)``, as a map-style dataset gives it."""
-        return select(self.inputs, index), self.labels[index]
-
-    @property
-    def is_text(self) -> bool:
-        return isinstance(self.inputs, Mapping)
 
     def batches(self, batch_size: int, order: Tensor | None = None) -> Iterator[tuple[Inputs, Tensor]]:
         """Consecutive ``(inputs, labels)`` batches, in ``order`` (a permutation) when given."""
@@ -111,7 +98,30 @@ class TensorData:
             yield order[start : start + batch_size]
 
 
-class LazyData:
+@dataclass
+class TensorData(Batched):
+    """Inputs ``(N, ...)`` (a tensor, or a dict of token tensors) and integer labels ``(N,)`` in memory."""
+
+    inputs: Inputs
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def take(self, indices: Tensor) -> tuple[Inputs, Tensor]:
+        """The batch ``indices``: ``(inputs, labels)``, token inputs trimmed to the longest sentence."""
+        return trim_padding(select(self.inputs, indices)), self.labels[indices]
+
+    def __getitem__(self, index: int) -> tuple[Inputs, Tensor]:
+        """One sample ``(input, label)``, as a map-style dataset gives it."""
+        return select(self.inputs, index), self.labels[index]
+
+    @property
+    def is_text(self) -> bool:
+        return isinstance(self.inputs, Mapping)
+
+
+class LazyData(Batched):
     """A map-style dataset of ``(input, label)`` items read one at a time, never copied whole: a
     dataset factory's datasets as they are. It offers what :class:`TensorData` offers (``take``,
     ``batches``, ``__getitems__`` for a ``DataLoader``, ``labels``), reading only the items asked for,
@@ -179,23 +189,9 @@ class LazyData:
         part.mean, part.std = self.mean, self.std
         return part
 
-    def __getitems__(self, indices: list[int]) -> dict[str, Any]:
-        index = torch.as_tensor(indices, dtype=torch.long)
-        inputs, labels = self.take(index)
-        return {"inputs": inputs, "labels": labels, "index": index}
-
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         inputs, labels = self.take(torch.tensor([index]))
         return inputs[0], labels[0]
-
-    def batches(self, batch_size: int, order: Tensor | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-        for indices in self.index_batches(batch_size, order):
-            yield self.take(indices)
-
-    def index_batches(self, batch_size: int, order: Tensor | None = None) -> Iterator[Tensor]:
-        order = torch.arange(len(self)) if order is None else order
-        for start in range(0, len(self), batch_size):
-            yield order[start : start + batch_size]
 
 
 Data = TensorData | LazyData
