@@ -191,6 +191,7 @@ class TeacherCache:
         device: torch.device | str = "cpu",
         feature_fn: Callable[[Any], Tensor] = first_tensor,
         progress: bool | None = None,
+        expected: dict[str, Any] | None = None,
     ) -> TeacherCache:
         """Run ``teacher`` over every (view, sample) of ``data`` and store its outputs.
 
@@ -215,7 +216,8 @@ class TeacherCache:
                 "a teacher cache cannot hold a fresh augmented view every epoch: set data.augment_views "
                 "to cache that many fixed views per sample, or data.augment: none"
             )
-        expected = fingerprint(teacher, data, augment, layers, storage, topk, temperature)
+        if expected is None:  # the caller may have computed it already (a lazy dataset is read to hash it)
+            expected = fingerprint(teacher, data, augment, layers, storage, topk, temperature)
         teacher = teacher.eval().to(device)
         n, dtype = len(data), STORAGE[storage]
         partial: Path | None = None

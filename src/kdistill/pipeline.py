@@ -346,6 +346,7 @@ def build_cache(
         topk=topk[0],
         temperature=topk[1],
         device=pick_device(device),
+        expected=expected,
     )
     log(
         f"teacher cache: built {directory} ({cache.views} view(s), {cache.bytes_per_sample:,.0f} bytes per sample, "
