@@ -37,6 +37,11 @@ from kdistill.distributed import World, shard, world
 RESERVED = ("inputs", "labels")
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch ``epoch``'s order (and of a loader's generator in it): one formula for all."""
+    return seed * 1_000_003 + epoch
+
+
 class EpochBatchSampler(Sampler[list[int]]):
     """This rank's share of each global batch of a seeded, per-epoch shuffled order.
 
@@ -67,7 +72,7 @@ class EpochBatchSampler(Sampler[list[int]]):
     def order(self) -> Tensor:
         if not self.shuffle:
             return torch.arange(self.num_samples)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
         return torch.randperm(self.num_samples, generator=generator)
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -132,7 +137,7 @@ def epoch_batches(loader: Iterable, epoch: int, start: int = 0, seed: int = 0) -
     with ``(seed, epoch)`` (what a resumed epoch needs to repeat the interrupted one's order)."""
     generator = getattr(loader, "generator", None)
     if isinstance(generator, torch.Generator):  # the workers' seeds of epoch `epoch`, also after a resume
-        generator.manual_seed(seed * 1_000_003 + epoch)
+        generator.manual_seed(epoch_seed(seed, epoch))
     sampler = epoch_sampler(loader)
     if sampler is not None:
         sampler.set_epoch(epoch)
@@ -141,7 +146,7 @@ def epoch_batches(loader: Iterable, epoch: int, start: int = 0, seed: int = 0) -
         if isinstance(random, RandomSampler):
             if random.generator is None:
                 random.generator = torch.Generator()
-            random.generator.manual_seed(seed * 1_000_003 + epoch)
+            random.generator.manual_seed(epoch_seed(seed, epoch))
     skip = start
     if start and hasattr(sampler, "start_at"):
         sampler.start_at(start)

@@ -346,11 +346,16 @@ def _read_csv(
     return [row[text_column] for row in kept], torch.tensor([classes[row[label_column]] for row in kept])
 
 
+def _split_positions(count: int, fraction: float) -> tuple[Tensor, Tensor]:
+    """A fixed, shuffled split of ``count`` samples: positions ``(1 − fraction, fraction)``."""
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    held_out = max(1, round(fraction * count)) if count > 1 else 0
+    return order[held_out:], order[:held_out]
+
+
 def _split(inputs: Inputs, labels: Tensor, fraction: float) -> tuple[TensorData, TensorData]:
     """A fixed, shuffled split: ``(1 − fraction, fraction)``."""
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(SPLIT_SEED))
-    held_out = max(1, round(fraction * len(labels))) if len(labels) > 1 else 0
-    first, second = order[held_out:], order[:held_out]
+    first, second = _split_positions(len(labels), fraction)
     return TensorData(select(inputs, first), labels[first]), TensorData(select(inputs, second), labels[second])
 
 
@@ -358,9 +363,8 @@ def _split_data(data: Data, fraction: float) -> tuple[Data, Data]:
     """:func:`_split` of a whole split, lazy or in memory (the same samples either way)."""
     if not isinstance(data, LazyData):
         return _split(data.inputs, data.labels, fraction)
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(SPLIT_SEED))
-    held_out = max(1, round(fraction * len(data))) if len(data) > 1 else 0
-    return data.subset(order[held_out:]), data.subset(order[:held_out])
+    first, second = _split_positions(len(data), fraction)
+    return data.subset(first), data.subset(second)
 
 
 def _image_folder(root: Path, image_size: list[int] | None, batch_size: int = 128) -> FolderImages:
