@@ -88,3 +88,17 @@ def test_an_image_folder_is_decoded_batch_by_batch(tmp_path, monkeypatch):
     got = inputs[1, 0] * splits.train.std + splits.train.mean
     torch.testing.assert_close(got, torch.from_numpy(want), rtol=0, atol=1e-6)
     assert int(labels[1]) == splits.train.dataset.targets[row]
+
+
+def test_loading_a_factory_reads_a_bounded_number_of_items():
+    """Labels come from a sample-checked targets list and statistics from a bounded sample; the
+    digest (a full pass) is taken only when something asks for it."""
+    from kdistill.data import STATISTICS_SAMPLE, splits_digest
+
+    lazy_factories.READS["items"] = 0
+    splits = load_data(DataConfig(dataset="tests.lazy_factories:with_targets", augment="none"))
+    assert lazy_factories.READS["items"] <= 2 * 16 + 3 * min(200, STATISTICS_SAMPLE) + 1
+    before = lazy_factories.READS["items"]
+    digest = splits_digest(splits)
+    assert lazy_factories.READS["items"] == before + 200  # one pass over every split, once
+    assert splits_digest(splits) == digest and lazy_factories.READS["items"] == before + 200

@@ -249,3 +249,19 @@ def test_damaged_files_in_kdistills_own_cache_are_rebuilt_not_trusted(tmp_path, 
     for name in ("student.safetensors", "adapters.safetensors"):  # the same run as the first
         first, second = (load_file(str(tmp_path / run / "distill" / name)) for run in ("first", "second"))
         assert all((first[k] == second[k]).all() for k in first), name
+
+
+def test_force_moves_config_yaml_aside_first(tmp_path, monkeypatch):
+    """While config.yaml is still in the run directory nothing has moved, so a kill during the move
+    can never make the earlier results look replaced."""
+    from kdistill.rundir import Replaced
+
+    run = tmp_path / "run"
+    run.mkdir()
+    for name in ("report.json", "report.md", "config.yaml"):
+        (run / name).write_text(name)
+    moved = []
+    real = os.replace
+    monkeypatch.setattr("kdistill.rundir.os.replace", lambda a, b: moved.append(Path(a).name) or real(a, b))
+    Replaced(run, ["report.json", "report.md", "config.yaml"])
+    assert moved[0] == "config.yaml"

@@ -439,6 +439,7 @@ def chunked_distillation_loss(
         labels: ``(N,)`` class ids or None (then ``ce`` is 0).
         divergence: a name in :data:`kdistill.losses.RESPONSE_LOSSES`, or a row-wise response loss
             (e.g. ``functools.partial(generalized_jsd, beta=0.9)``); not ``dist``, which is not row-wise.
+            Like every registry entry it must return the *mean* over its rows, without ``τ²``.
         temperature: ``τ > 0``; alpha, beta: the Distiller's weights.
         ignore_index: rows with this label count in no term.
         chunk_size: rows per chunk (the memory/speed trade-off).

@@ -369,21 +369,21 @@ def cmd_report(args: argparse.Namespace) -> int:
     _require_finished(args.run, "report")
     config, splits, teacher, student = _load_run(args.run)
     run_dir = Path(args.run)
-    lock = RunLock(run_dir, "report")  # it writes into the run: not while a training process works there
-    load_weights(teacher, teacher_weights_path(config, run_dir, splits), "teacher")
-    models = {"teacher": teacher}
-    if (run_dir / "baseline" / "student.safetensors").exists():
-        import copy
+    with RunLock(run_dir, "report"):  # it writes into the run: not while a training process works there
+        _require_finished(args.run, "report")  # again, now that no training process can be in there
+        load_weights(teacher, teacher_weights_path(config, run_dir, splits), "teacher")
+        models = {"teacher": teacher}
+        if (run_dir / "baseline" / "student.safetensors").exists():
+            import copy
 
-        baseline = copy.deepcopy(student)
-        load_weights(baseline, run_dir / "baseline" / "student.safetensors", "baseline")
-        models["baseline"] = baseline
-    load_weights(student, run_dir / "distill" / "student.safetensors", "student")
-    models["student"] = student
-    report = measure(models, splits.test, batch_size=config.data.eval_batch_size)
-    histories = {name: run_dir / name / "metrics.jsonl" for name in ("baseline", "distill")}
-    write_report(run_dir, report, histories, title=f"kdistill report: {splits.name}")
-    lock.release()
+            baseline = copy.deepcopy(student)
+            load_weights(baseline, run_dir / "baseline" / "student.safetensors", "baseline")
+            models["baseline"] = baseline
+        load_weights(student, run_dir / "distill" / "student.safetensors", "student")
+        models["student"] = student
+        report = measure(models, splits.test, batch_size=config.data.eval_batch_size)
+        histories = {name: run_dir / name / "metrics.jsonl" for name in ("baseline", "distill")}
+        write_report(run_dir, report, histories, title=f"kdistill report: {splits.name}")
     print(markdown(report).split("\n", 2)[2].strip())
     return 0
 

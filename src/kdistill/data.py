@@ -257,7 +257,9 @@ def load_data(config: DataConfig) -> Splits:
         _check(validation, "validation", name)
     _check_shapes(train, test, name)
     num_classes = _num_classes(name, train, validation, test)
-    source_digest = _digest(train, validation, test)
+    # In memory: hashed now, as loaded (normalisation rewrites the tensors below). Lazy: hashed only
+    # if asked (splits_digest), from the raw items, which normalisation never touches.
+    source_digest = None if isinstance(train, LazyData) else _digest(train, validation, test)
     if isinstance(train, LazyData):  # statistics from a bounded sample; applied item by item
         sample = train.raw(torch.arange(min(len(train), STATISTICS_SAMPLE)))
         mean, std = float(sample.mean()), float(sample.std().clamp_min(1e-6))
@@ -612,9 +614,9 @@ def splits_digest(splits: Splits) -> str:
     config alone cannot see that a file at the same path was edited. Splits from :func:`load_data` are
     digested as loaded, before normalisation (the same on every machine, rank and thread count);
     hashing 100 MB takes ~0.1 s."""
-    if splits.source_digest is not None:
-        return splits.source_digest
-    return _digest(splits.train, splits.validation, splits.test)
+    if splits.source_digest is None:
+        splits.source_digest = _digest(splits.train, splits.validation, splits.test)
+    return splits.source_digest
 
 
 def _digest(train: Data, validation: Data | None, test: Data) -> str:

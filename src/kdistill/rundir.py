@@ -82,9 +82,10 @@ class Replaced:
     def __init__(self, run_dir: Path, names: list[str]) -> None:
         self.run_dir = run_dir
         self.aside = run_dir / f"{ASIDE_PREFIX}{os.getpid()}"
-        self.names = names
+        # config.yaml first: while it is still in `out`, nothing has moved (check_run_dir relies on it).
+        self.names = sorted(names, key=lambda name: name != "config.yaml")
         self.aside.mkdir()
-        for name in names:
+        for name in self.names:
             os.replace(run_dir / name, self.aside / name)
 
     def restore(self) -> None:
@@ -111,9 +112,7 @@ def check_run_dir(out: Path, resume: bool, force: bool) -> None:
                 if not (out / item.name).exists():
                     os.replace(item, out / item.name)
             shutil.rmtree(aside, ignore_errors=True)
-    if resume:
-        if not (out / "config.yaml").exists():
-            raise ConfigError(f"--resume: {out} holds no run to resume (no config.yaml); start it without --resume")
+    if resume:  # pipeline.saved_config reads (and requires) its config.yaml
         return
     existing = [name for name in RESULT_FILES if (out / name).exists()]
     if existing and not force:
