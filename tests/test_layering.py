@@ -24,7 +24,7 @@ PACKAGE = Path(kdistill.__file__).parent
 
 # The layers, named explicitly so that a new module has to be placed on purpose.
 # chunked holds a loss (the vocabulary-chunked KL that losses.py exposes lazily): it is core.
-CORE = {"losses", "chunked", "hooks", "adapters", "distiller", "calls", "errors"}
+CORE = {"losses", "chunked", "hooks", "adapters", "distiller", "calls", "errors", "vocabulary"}
 INTEGRATIONS = {"hf"}
 APPLICATION = {path.stem for path in PACKAGE.glob("*.py")} - CORE - INTEGRATIONS - {"__init__"}
 

@@ -22,6 +22,7 @@ from kdistill.errors import (
 )
 from kdistill.hooks import FeatureRecorder
 from kdistill.losses import FEATURE_LOSSES, RESPONSE_LOSSES, register_feature_loss, register_response_loss
+from kdistill.vocabulary import PrunedVocabulary
 
 __version__ = "0.1.0"
 
@@ -39,6 +40,7 @@ __all__ = [
     "KDistillError",
     "LayerNotFoundError",
     "NonFiniteLossError",
+    "PrunedVocabulary",
     "__version__",
     "build_adapter",
     "register_feature_loss",

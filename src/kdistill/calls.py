@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from kdistill.errors import ClassCountError, ConfigError, VocabularyError
+from kdistill.vocabulary import PrunedVocabulary
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
@@ -104,6 +105,20 @@ def first_tensor(output: Any) -> Tensor:
     raise TypeError(f"no tensor found in a layer output of type {type(output).__name__}")
 
 
+def is_causal_lm(model: nn.Module) -> bool:
+    """Is ``model`` a causal language model, whose logits at ``t`` predict the token at ``t + 1``?
+
+    True for a :class:`~kdistill.vocabulary.PrunedVocabulary` and for a model whose class name ends
+    in ``ForCausalLM`` or ``LMHeadModel`` (the Hugging Face naming: ``LlamaForCausalLM``,
+    ``GPT2LMHeadModel``); by name so that the core needs no ``transformers`` import. Token
+    classifiers (``BertForTokenClassification``) and everything else are not.
+    """
+    if isinstance(model, PrunedVocabulary):
+        return True
+    name = type(model).__name__
+    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
+
+
 def check_vocabularies(teacher: nn.Module, student: nn.Module) -> None:
     """Refuse a teacher and student that read different tokens or name their labels differently.
 
@@ -116,6 +131,14 @@ def check_vocabularies(teacher: nn.Module, student: nn.Module) -> None:
         ClassCountError: as many labels on both sides, but named or ordered differently.
     """
     teacher_config, student_config = getattr(teacher, "config", None), getattr(student, "config", None)
+    if isinstance(student, PrunedVocabulary):
+        tv = getattr(teacher_config, "vocab_size", None)
+        if isinstance(tv, int) and tv != student.vocab_size:
+            raise VocabularyError(
+                f"teacher and pruned student vocabularies differ ({tv} vs {student.vocab_size} tokens): "
+                "the student must be cut from a model reading the teacher's tokenizer"
+            )
+        return
     if teacher_config is None or student_config is None:
         return
     tv, sv = getattr(teacher_config, "vocab_size", None), getattr(student_config, "vocab_size", None)

@@ -15,9 +15,21 @@ from kdistill.adapters import LAYOUTS, Layout, build_adapter, infer_layout
 
 # The model-calling helpers lived here and stay importable from this module (callers outside the
 # core should import them from kdistill.calls).
-from kdistill.calls import call_model, check_vocabularies, default_logits, first_tensor, split_labels, token_mask
+from kdistill.calls import (
+    call_model,
+    check_vocabularies,
+    default_logits,
+    first_tensor,
+    is_causal_lm,
+    split_labels,
+    token_mask,
+)
 from kdistill.errors import ClassCountError, ConfigError, FeatureShapeError, NonFiniteLossError
 from kdistill.hooks import FeatureRecorder, StopForward, find_module
+from kdistill.losses import TopKLogits
+from kdistill.vocabulary import PrunedVocabulary
+
+TeacherLogits = Tensor | TopKLogits  # dense (..., C) logits, or a top-k cache's
 
 
 @dataclass(frozen=True)
@@ -75,6 +87,9 @@ class Distiller(nn.Module):
             is NaN or infinite.
         teacher_dtype: run the teacher under autocast to this dtype (``torch.bfloat16`` or
             ``torch.float16`` on CUDA) to halve its cost; the losses stay float32.
+        causal_lm: the models are causal language models (spec section 6): the logits at ``t``
+            predict the token at ``t + 1``. None decides by :func:`kdistill.calls.is_causal_lm`
+            of the student.
 
     ``forward(inputs, labels=None)`` returns a dict with ``loss``, ``ce``, ``response``,
     ``feature``, one ``feature/<student>-><teacher>`` per pair and ``logits``. Inputs
@@ -93,6 +108,19 @@ class Distiller(nn.Module):
     are feature pairs, ``alpha = 0`` also stops the teacher right after its deepest paired
     layer (it saves the rest of the teacher's forward pass); there are then no teacher logits
     and the ``response`` key is left out of the output rather than reported as a made-up 0.
+
+    Causal language models (``causal_lm``) follow Hugging Face: the labels are the input ids,
+    unshifted, and the Distiller compares ``logits[:, :-1]`` with ``labels[:, 1:]`` (attention mask
+    ``[:, 1:]``), see :func:`next_token_positions`. Positions labelled ``ignore_index`` and padding
+    count in neither CE nor the response term, which uses exactly the positions CE scores (all
+    but the last when there are no labels). The ``logits`` entry stays unshifted ``(N, T, C)``.
+
+    A :class:`~kdistill.vocabulary.PrunedVocabulary` student predicts ``|K| + 1`` compact ids. CE is
+    taken on ``student.compact(labels)``: for a label outside K it is ``−log p_s(other)``, which is
+    the full-vocabulary NLL ``−log p_s(v) = −log p_s(other) + log(rest)`` minus the constant
+    ``log(rest)``, so the gradient is the full-vocabulary one. A live teacher's logits (and cached
+    dense ones with ``V`` columns) are coarsened with ``student.coarsen(·, τ)``; a cached
+    :class:`~kdistill.losses.TopKLogits` is taken as already coarsened (its indices compact ids).
 
     Under ``DistributedDataParallel``: when the student's logits enter no weighted term
     (``alpha = 0`` and no labels: feature-only distillation), the loss includes them with
@@ -117,6 +145,7 @@ class Distiller(nn.Module):
         sample_input: Any = None,
         check_finite: bool = True,
         teacher_dtype: torch.dtype | None = None,
+        causal_lm: bool | None = None,
     ) -> None:
         super().__init__()
         _check_range("temperature", temperature, minimum=0.0, inclusive=False)
@@ -139,6 +168,7 @@ class Distiller(nn.Module):
         self.check_finite = check_finite
         self.teacher_dtype = teacher_dtype
         self.logits_fn = logits_fn
+        self.causal_lm = is_causal_lm(student) if causal_lm is None else bool(causal_lm)
         self._response_loss = losses.resolve(response_loss, losses.RESPONSE_LOSSES, "response")
         self._feature_losses = [losses.resolve(p.loss, losses.FEATURE_LOSSES, "feature") for p in self.pairs]
 
@@ -177,7 +207,7 @@ class Distiller(nn.Module):
             teacher_logits, teacher_features = self.run_teacher(sample_input)
             student_logits, student_features = self._run_student(sample_input)
             if teacher_logits is not None:
-                self._check_logits(student_logits, teacher_logits)
+                self._check_logits(student_logits, self.teacher_logits_for_student(teacher_logits, live=True))
             self._build_adapters(student_features, teacher_features)
         finally:
             self.student.train(was_training)
@@ -242,6 +272,7 @@ class Distiller(nn.Module):
             teacher_logits, teacher_features = self.run_teacher(inputs)
         else:
             teacher_logits, teacher_features = teacher_outputs
+        teacher_logits = self.teacher_logits_for_student(teacher_logits, live=teacher_outputs is None)
         student_logits, student_features = self._run_student(inputs)
         if isinstance(teacher_logits, Tensor):  # None when α = 0 stopped the teacher; TopKLogits from a cache
             self._check_logits(student_logits, teacher_logits)
@@ -284,6 +315,20 @@ class Distiller(nn.Module):
             self._teacher_recorder.stop_when_complete = False
         return logits, self._teacher_recorder.pop()
 
+    def teacher_logits_for_student(self, teacher_logits: TeacherLogits | None, *, live: bool) -> TeacherLogits | None:
+        """The teacher's logits over the student's outputs: for a pruned-vocabulary student, ``(..., V)``
+        coarsened to ``(..., |K| + 1)`` at the Distiller's τ; otherwise unchanged.
+
+        ``live``: the logits come from running the teacher, so they are full-vocabulary. Cached
+        logits (``live=False``) are coarsened only when they have ``V`` columns (and ``V ≠ |K| + 1``);
+        with ``|K| + 1`` they, like a cached :class:`TopKLogits`, are taken as already coarsened.
+        """
+        student = self.student
+        if not isinstance(student, PrunedVocabulary) or not isinstance(teacher_logits, Tensor):
+            return teacher_logits
+        full = teacher_logits.shape[-1] == student.vocab_size and student.vocab_size != student.other + 1
+        return student.coarsen(teacher_logits, self.temperature) if live or full else teacher_logits
+
     @property
     def teacher_layers(self) -> list[str]:
         """The teacher layers whose features the pairs need (what a cache must hold)."""
@@ -300,21 +345,36 @@ class Distiller(nn.Module):
     ) -> dict[str, Tensor]:
         """The loss dict from already computed outputs (also used with cached teacher outputs).
 
+        All tensors are unshifted, as the models give them: ``(N, T, C)`` logits, ``(N, T)`` labels
+        and mask for a causal LM, whose next-token shift happens here, once. For a pruned-vocabulary
+        student the labels are full ids and ``teacher_logits`` are already over the student's
+        ``|K| + 1`` outputs (see :meth:`teacher_logits_for_student`).
+
         ``teacher_logits`` is None only when ``alpha = 0`` stopped the teacher early; the output
         then has no ``response`` key. With ``alpha = 0`` and teacher logits, ``response`` is the
         real ``L_resp``, computed without gradient (it has no weight in the loss).
         """
+        if isinstance(self.student, PrunedVocabulary):
+            _check_compact(teacher_logits, self.student)
+            if labels is not None:
+                labels = self.student.compact(labels)
+        # The feature terms are per position, not next-token predictions: they keep the full mask.
+        scored_logits, scored_teacher, scored_labels, scored_mask = student_logits, teacher_logits, labels, mask
+        if self.causal_lm:
+            scored_logits, scored_teacher, scored_labels, scored_mask = next_token_positions(
+                student_logits, teacher_logits, labels, mask, self.ignore_index
+            )
         response = None
-        if teacher_logits is not None:
+        if scored_teacher is not None:
             # α = 0: report L_resp (spec section 2) without building a graph for a zero-weight term.
             with torch.no_grad() if self.alpha == 0 else nullcontext():
                 response = losses.response_loss(
-                    student_logits,
-                    teacher_logits,
+                    scored_logits,
+                    scored_teacher,
                     self.temperature,
-                    labels,
+                    scored_labels,
                     ignore_index=self.ignore_index,
-                    mask=mask if _is_token_mask(mask, student_logits) else None,
+                    mask=scored_mask if _is_token_mask(scored_mask, scored_logits) else None,
                     temperature_squared=self.temperature_squared,
                     loss=self._response_loss,
                 )
@@ -332,8 +392,8 @@ class Distiller(nn.Module):
             term = loss_fn(student_feature, teacher_feature, pair_mask)
             out[f"feature/{pair.name}"] = term
             feature = feature + pair.weight * term
-        if labels is not None:
-            ce = losses.cross_entropy(student_logits, labels, self.ignore_index)
+        if scored_labels is not None:
+            ce = losses.cross_entropy(scored_logits, scored_labels, self.ignore_index)
         else:
             ce = student_logits.new_zeros((), dtype=torch.float32)
         if self.alpha == 0:  # a zero-weight response must not reach the loss (0 · NaN is NaN)
@@ -378,7 +438,56 @@ class Distiller(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"teacher={type(self.teacher).__name__}, alpha={self.alpha}, beta={self.beta}, "
-            f"temperature={self.temperature}, pairs={[p.name for p in self.pairs]}"
+            f"temperature={self.temperature}, causal_lm={self.causal_lm}, pairs={[p.name for p in self.pairs]}"
+        )
+
+
+def next_token_positions(
+    student_logits: Tensor,
+    teacher_logits: TeacherLogits | None,
+    labels: Tensor | None,
+    mask: Tensor | None,
+    ignore_index: int = -100,
+) -> tuple[Tensor, TeacherLogits | None, Tensor | None, Tensor | None]:
+    """The Hugging Face causal-LM shift: the logits at ``t`` are scored against the token at ``t + 1``.
+
+    ``(N, T, C)`` logits (every field of a :class:`TopKLogits`) become ``[:, :-1]``; ``(N, T)`` labels
+    and attention mask ``[:, 1:]``. Padding (mask 0) is folded into the labels as ``ignore_index``,
+    so CE and the response term count exactly the same positions.
+
+    Raises:
+        ConfigError: the logits are not ``(N, T, C)``.
+    """
+    if student_logits.dim() != 3:
+        raise ConfigError(
+            f"a causal language model's logits must be (N, T, C), got shape {tuple(student_logits.shape)}; "
+            "pass causal_lm=False for a model that is not one"
+        )
+    if isinstance(teacher_logits, TopKLogits):
+        teacher_logits = TopKLogits(*(part[:, :-1] for part in teacher_logits))
+    elif teacher_logits is not None:
+        teacher_logits = teacher_logits[:, :-1]
+    mask = mask[:, 1:] if mask is not None and mask.dim() == 2 else mask
+    if labels is not None:
+        labels = labels[:, 1:]
+        if mask is not None and mask.shape == labels.shape:
+            labels = labels.masked_fill(mask == 0, ignore_index)
+    return student_logits[:, :-1], teacher_logits, labels, mask
+
+
+def _check_compact(teacher_logits: TeacherLogits | None, student: PrunedVocabulary) -> None:
+    """Refuse teacher logits that are not over a pruned student's ``|K| + 1`` compact ids."""
+    outputs = student.other + 1
+    if isinstance(teacher_logits, TopKLogits):
+        if teacher_logits.indices.numel() and int(teacher_logits.indices.max()) >= outputs:
+            raise ClassCountError(
+                f"the cached top-k teacher logits hold class id {int(teacher_logits.indices.max())}, but the "
+                f"pruned student predicts {outputs} compact ids: build the cache with the student's coarsen"
+            )
+    elif teacher_logits is not None and teacher_logits.shape[-1] != outputs:
+        raise ClassCountError(
+            f"teacher logits have {teacher_logits.shape[-1]} columns, but the pruned student predicts "
+            f"{outputs} compact ids: coarsen them with student.coarsen"
         )
 
 
