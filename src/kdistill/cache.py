@@ -11,8 +11,15 @@ Token inputs (a dict with ``input_ids``) are run at the dataset's full padded le
 every sample's token-level outputs have one shape; a lookup cuts them to the batch's length (the
 batches are trimmed to their longest sentence, and padding never counts in the losses).
 
+Language-model corpora (:class:`kdistill.corpus.CorpusBlocks`: fixed-length token blocks, labels
+the input ids) are cached per token like any token inputs; their ``digest()`` is the data's
+fingerprint. A pruned-vocabulary student compares itself with its teacher coarsened to the kept ids
+plus "other": ``build(coarsen=…, coarsen_id=…)`` stores the coarsened logits, and ``coarsen_id`` joins
+the fingerprint, so a cache made for another vocabulary is stale. Top-k storage records its
+truncation error (``truncation_kl_mean`` / ``truncation_kl_max``) and ``bytes_per_token``.
+
 The fingerprint (a hash of the teacher's weights, the dataset's inputs and labels, the
-augmentation, the cached layers and the storage type) is checked on opening: a stale
+augmentation, the cached layers, the storage type and any coarsening) is checked on opening: a stale
 cache is refused with the reason, never silently used. ``meta.json`` also records a SHA-256 of
 every ``.npy`` file (and of itself), checked once per file per process on opening: a damaged or
 truncated file is refused with its name. Caches of format 1 (before checksums) are stale.
@@ -29,6 +36,7 @@ import errno
 import glob
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -44,7 +52,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from kdistill import faults
-from kdistill.calls import call_model, default_logits, first_tensor, split_labels
+from kdistill.calls import call_model, default_logits, first_tensor, split_labels, token_mask
 from kdistill.checkpoint import file_sha256, verify_file, write_failure
 from kdistill.data import Data, Inputs, ShiftViews, TensorData, first_inputs, move, primary, select
 from kdistill.errors import CheckpointError, KDistillError
@@ -52,7 +60,12 @@ from kdistill.hooks import FeatureRecorder
 from kdistill.losses import TopKLogits
 
 FORMAT = 2  # 2: meta.json records a SHA-256 of every file (format-1 caches are refused as stale)
-STORAGE = {"float16": np.float16, "float32": np.float32, "topk": np.float32}
+STORAGE = {"float16": np.float16, "float32": np.float32, "topk": np.float16}  # top-k: the k values (and features)
+# Top-k parts whose type does not follow STORAGE: ids are integers, and the log of the rest's mass
+# stays float32 whatever the values' type (float16's 11-bit mantissa would put a 1.5 % error on a rest
+# mass near e^-60, whose log is about −60 with a float16 spacing of 0.03).
+TOPK_TYPES = {"topk-indices": np.dtype(np.int32), "topk-log-rest": np.dtype(np.float32)}
+TRUNCATION_ROWS = 256  # positions per float64 truncation-KL chunk: 256 × 49,152 × 8 B = 100 MB at most
 
 
 class StaleCacheError(KDistillError):
@@ -76,8 +89,10 @@ def fingerprint(
     storage: str,
     topk: int | None = None,
     temperature: float | None = None,
+    coarsen_id: str | None = None,
 ) -> dict[str, Any]:
-    """What a cache must match to be valid for a run (top-k storage also fixes ``k`` and ``τ``)."""
+    """What a cache must match to be valid for a run (top-k storage also fixes ``k`` and ``τ``;
+    ``coarsen_id`` names the coarsening of the teacher's logits, e.g. a pruned vocabulary and its τ)."""
     found = {
         "format": FORMAT,
         "teacher": tensor_digest(list(teacher.state_dict().values())),
@@ -88,17 +103,24 @@ def fingerprint(
     }
     if storage == "topk":
         found.update(topk=topk, temperature=temperature)
+    if coarsen_id is not None:  # absent otherwise: caches built before coarsening existed stay valid
+        found["coarsen"] = coarsen_id
     return found
 
 
 def data_digest(data: Data) -> str:
-    """The fingerprint of a split's inputs and labels (a lazy split is read through once)."""
+    """The fingerprint of a split's inputs and labels: its own ``digest()`` when it has one (corpus
+    blocks hash their token file), else its tensors (a lazy split is read through once)."""
+    if callable(getattr(data, "digest", None)):
+        return str(data.digest())
     if isinstance(data, TensorData):
         return tensor_digest([*_tensors(data.inputs), data.labels])
     sha = hashlib.sha256()
     for indices in data.index_batches(1024):
-        sha.update(tensor_digest([data.take(indices)[0]]).encode())
-    sha.update(tensor_digest([data.labels]).encode())
+        sha.update(tensor_digest(_tensors(data.take(indices)[0])).encode())
+    labels = getattr(data, "labels", None)  # per-sample labels, when the split has them
+    if isinstance(labels, Tensor):
+        sha.update(tensor_digest([labels]).encode())
     return sha.hexdigest()[:20]
 
 
@@ -161,7 +183,8 @@ class TeacherCache:
         if "meta_sha256" in meta:  # damage first: a flipped fingerprint byte is not staleness
             _verify_meta(meta, meta_path)
         found = meta.get("fingerprint", {})
-        changed = [key for key in expected if found.get(key) != expected[key]]
+        # Both ways: a key only the cache has (a coarsening this run does not use) is a difference too.
+        changed = [key for key in {**expected, **found} if found.get(key) != expected.get(key)]
         if changed:
             raise StaleCacheError(
                 f"teacher cache {directory} is stale: its {', '.join(changed)} differ from this run's "
@@ -192,12 +215,22 @@ class TeacherCache:
         feature_fn: Callable[[Any], Tensor] = first_tensor,
         progress: bool | None = None,
         expected: dict[str, Any] | None = None,
+        coarsen: Callable[[Tensor], Tensor] | None = None,
+        coarsen_id: str | None = None,
     ) -> TeacherCache:
         """Run ``teacher`` over every (view, sample) of ``data`` and store its outputs.
 
         ``storage``: ``float16`` or ``float32`` logits, or ``topk``: the ``topk`` largest logits and the
         log of the remaining probability mass at ``temperature`` (see :func:`kdistill.losses.topk_kl_rows`
-        for the approximation this makes to the KL and its error bound).
+        for the approximation this makes to the KL and its error bound). Top-k storage records the
+        truncation error in ``meta.json`` (see :func:`truncation_kl`): its mean and max over every cached
+        position (token positions with attention mask 0 left out).
+
+        ``coarsen``: applied to the teacher's logits ``(..., V)`` before they are stored (whatever the
+        storage), e.g. ``lambda z: pruned.coarsen(z, τ)`` for a pruned-vocabulary student; the cache then
+        holds ``(..., C')`` logits, top-k ids among the ``C'`` coarse entries. ``coarsen_id`` names it
+        (required with ``coarsen``) and joins the fingerprint. ``data`` may be corpus blocks (a
+        ``Batched`` with a ``digest()``; see :func:`data_digest`).
 
         Safe for several processes building the same ``directory`` at once: each writes a private
         temporary directory beside it and renames it into place; the first complete cache wins, and
@@ -208,6 +241,11 @@ class TeacherCache:
             raise KDistillError(f"unknown cache storage {storage!r} (choose {', '.join(STORAGE)})")
         if storage == "topk" and not (topk and topk >= 1 and temperature and temperature > 0):
             raise KDistillError("top-k cache storage needs topk ≥ 1 and the run's temperature")
+        if (coarsen is None) != (coarsen_id is None):
+            raise KDistillError(
+                "a coarsened teacher cache needs both coarsen and coarsen_id (the name that makes a cache "
+                "built for another vocabulary stale)"
+            )
         directory = Path(directory)
         _refuse_a_file(directory)
         views = 1 if augment is None else augment.views
@@ -217,11 +255,13 @@ class TeacherCache:
                 "to cache that many fixed views per sample, or data.augment: none"
             )
         if expected is None:  # the caller may have computed it already (a lazy dataset is read to hash it)
-            expected = fingerprint(teacher, data, augment, layers, storage, topk, temperature)
+            expected = fingerprint(teacher, data, augment, layers, storage, topk, temperature, coarsen_id)
         teacher = teacher.eval().to(device)
         n, dtype = len(data), STORAGE[storage]
         partial: Path | None = None
         arrays: dict[str, np.memmap] = {}
+        tokens: int | None = None
+        truncation = _Truncation() if storage == "topk" else None
         try:
             with FeatureRecorder(teacher, layers, feature_fn, "teacher") as recorder, torch.no_grad():
                 bar = tqdm(total=views * n, desc="teacher cache", disable=progress is False or None, leave=False)
@@ -233,8 +273,11 @@ class TeacherCache:
                         recorder.clear()
                         inputs, _ = split_labels(inputs)  # a Hugging Face batch's labels never reach the teacher
                         logits = default_logits(call_model(teacher, move(inputs, device)))
+                        if coarsen is not None:
+                            logits = coarsen(logits)
                         if storage == "topk":
                             top = TopKLogits.from_logits(logits, min(topk, logits.shape[-1]), temperature)
+                            truncation.add(logits, top.indices, temperature, token_mask(inputs))
                             outputs = {
                                 "topk-values": top.values,
                                 "topk-indices": top.indices,
@@ -246,10 +289,11 @@ class TeacherCache:
                         for i, layer in enumerate(recorder.paths):
                             outputs[f"feature-{i}"] = features[layer]
                         layout = {
-                            name: (np.dtype(np.int32 if name == "topk-indices" else dtype), tuple(value.shape[1:]))
+                            name: (TOPK_TYPES.get(name, np.dtype(dtype)), tuple(value.shape[1:]))
                             for name, value in outputs.items()
                         }
                         if partial is None:  # first batch: the sizes are known, nothing is written yet
+                            tokens = token_length(inputs)  # untrimmed rows: every sample's length
                             _check_free_space(directory, views, n, layout)
                             _remove_orphans(directory)
                             partial = _private_directory(directory, ".partial", owned=True)
@@ -266,12 +310,15 @@ class TeacherCache:
                 array.flush()
             arrays.clear()  # unmap before hashing and renaming
             digests = {f"{name}.npy": file_sha256(partial / f"{name}.npy") for name in layout}
+            bytes_per_sample = sum(_row_bytes(*spec) for spec in layout.values())
             meta = {
                 "fingerprint": expected,
                 "samples": n,
                 "views": views,
-                "tokens": token_length(data.inputs) if isinstance(data, TensorData) else None,
-                "bytes_per_sample": sum(_row_bytes(*spec) for spec in layout.values()),
+                "tokens": tokens,
+                "bytes_per_sample": bytes_per_sample,
+                "bytes_per_token": bytes_per_sample / tokens if tokens else None,
+                **(truncation.summary() if truncation is not None else {}),
                 "sha256": digests,
             }
             meta["meta_sha256"] = _meta_digest(meta)
@@ -313,6 +360,70 @@ class TeacherCache:
     @property
     def bytes_per_sample(self) -> float:
         return float(self.meta["bytes_per_sample"])
+
+    @property
+    def bytes_per_token(self) -> float | None:
+        """Bytes stored per token position (every output, features included); ``None`` for non-token data."""
+        value = self.meta.get("bytes_per_token")
+        return None if value is None else float(value)
+
+    @property
+    def truncation_kl_mean(self) -> float | None:
+        """Top-k storage: the mean over cached positions of :func:`truncation_kl` (``None`` otherwise)."""
+        return self.meta.get("truncation_kl_mean")
+
+    @property
+    def truncation_kl_max(self) -> float | None:
+        """Top-k storage: the largest :func:`truncation_kl` of any cached position (``None`` otherwise)."""
+        return self.meta.get("truncation_kl_max")
+
+
+def truncation_kl(logits: Tensor, indices: Tensor, temperature: float) -> Tensor:
+    """``KL(P ‖ P̂)`` per position, float64: what keeping only the top k loses.
+
+    ``P = softmax(logits / τ)`` over ``C`` entries; ``P̂`` keeps P on the top-k ids ``indices`` and
+    spreads the rest's mass ``r`` uniformly over the other ``C − k``:
+    ``KL = Σ_{j ∉ top-k} p_j · log(p_j (C − k) / r)`` (0 when ``k = C`` or ``r = 0``).
+
+    Args:
+        logits: ``(R, C)``.
+        indices: ``(R, k)`` the top-k ids of each row.
+        temperature: ``τ > 0``.
+
+    Returns:
+        ``(R,)`` float64.
+    """
+    others = logits.shape[-1] - indices.shape[-1]
+    if others == 0:
+        return torch.zeros(logits.shape[0], dtype=torch.float64, device=logits.device)
+    log_p = torch.log_softmax(logits.double() / temperature, -1).scatter(-1, indices, float("-inf"))
+    log_rest = log_p.logsumexp(-1, keepdim=True)  # log r
+    terms = log_p.exp() * (log_p - log_rest + math.log(others))
+    return torch.where(log_p > float("-inf"), terms, 0.0).sum(-1)  # 0 · log 0 = 0
+
+
+class _Truncation:
+    """Running mean and max of :func:`truncation_kl` over the positions a build caches."""
+
+    def __init__(self) -> None:
+        self.total, self.count, self.largest = 0.0, 0, 0.0
+
+    def add(self, logits: Tensor, indices: Tensor, temperature: float, mask: Tensor | None) -> None:
+        """``logits`` ``(..., C)`` and their top-k ``indices`` ``(..., k)``; positions where ``mask``
+        (an ``(N, T)`` attention mask of token logits ``(N, T, C)``) is 0 do not count."""
+        rows, ids = logits.reshape(-1, logits.shape[-1]), indices.reshape(-1, indices.shape[-1])
+        if mask is not None and mask.shape == logits.shape[:-1]:
+            keep = mask.reshape(-1).to(rows.device) != 0
+            rows, ids = rows[keep], ids[keep]
+        for start in range(0, rows.shape[0], TRUNCATION_ROWS):  # bounded float64 copies of a large vocabulary
+            kl = truncation_kl(rows[start : start + TRUNCATION_ROWS], ids[start : start + TRUNCATION_ROWS], temperature)
+            self.total += float(kl.sum())
+            self.largest = max(self.largest, float(kl.max()))
+        self.count += rows.shape[0]
+
+    def summary(self) -> dict[str, float | None]:
+        mean = self.total / self.count if self.count else None
+        return {"truncation_kl_mean": mean, "truncation_kl_max": self.largest if self.count else None}
 
 
 def _refuse_a_file(directory: Path) -> None:
@@ -394,8 +505,8 @@ def check_space(
         rest = tuple(logits.shape[1:-1])
         layout = {
             "topk-values": (dtype, (*rest, k)),
-            "topk-indices": (np.dtype(np.int32), (*rest, k)),
-            "topk-log-rest": (dtype, rest),
+            "topk-indices": (TOPK_TYPES["topk-indices"], (*rest, k)),
+            "topk-log-rest": (TOPK_TYPES["topk-log-rest"], rest),
         }
     else:
         layout = {"logits": (dtype, tuple(logits.shape[1:]))}
