@@ -25,13 +25,16 @@ PACKAGE = Path(kdistill.__file__).parent
 # The layers, named explicitly so that a new module has to be placed on purpose.
 # chunked holds a loss (the vocabulary-chunked KL that losses.py exposes lazily): it is core.
 CORE = {"losses", "chunked", "hooks", "adapters", "distiller", "calls", "errors", "vocabulary"}
-INTEGRATIONS = {"hf"}
+INTEGRATIONS = {"hf"}  # and the package kdistill.integrations (the Hugging Face Trainer)
 APPLICATION = {path.stem for path in PACKAGE.glob("*.py")} - CORE - INTEGRATIONS - {"__init__"}
 
 # What `from kdistill import Distiller, FeaturePair` must not load. tqdm is not listed: torch
 # itself imports it (torch.hub), so its presence says nothing about kdistill.
-HEAVY = ("transformers", "yaml", "matplotlib", "scipy", "PIL", "safetensors", "onnx")
-NOT_LOADED_BY_THE_CORE = sorted({f"kdistill.{name}" for name in APPLICATION | INTEGRATIONS})
+HEAVY = ("transformers", "peft", "yaml", "matplotlib", "scipy", "PIL", "safetensors", "onnx")
+NOT_LOADED_BY_THE_CORE = sorted(
+    {f"kdistill.{name}" for name in APPLICATION | INTEGRATIONS}
+    | {"kdistill.integrations", "kdistill.integrations.transformers"}
+)
 
 
 def _loaded_after(statement: str) -> dict[str, list[str]]:
