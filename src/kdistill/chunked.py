@@ -175,13 +175,19 @@ def _resolve_divergence(divergence: str | Callable) -> _Divergence:
 
 
 class _Teacher:
-    """The teacher's outputs for any rows: stored logits, a top-k cache, or hidden states + head."""
+    """The teacher's outputs for any rows: stored logits, a top-k cache, hidden states + head (and an
+    optional row-wise transform of their logits), or nothing (cross-entropy only)."""
 
     def __init__(self, teacher: Any, rows: int, vocabulary: int) -> None:
         self.logits: Tensor | None = None
         self.topk: losses.TopKLogits | None = None
         self.hidden: Tensor | None = None
-        if isinstance(teacher, losses.TopKLogits):
+        self.transform: Callable[[Tensor], Tensor] | None = None
+        self.vocabulary = vocabulary
+        self.absent = teacher is None
+        if teacher is None:
+            found = rows
+        elif isinstance(teacher, losses.TopKLogits):
             self.topk = losses.TopKLogits(*(part.detach() for part in teacher))
             found = teacher.values.shape[0]
         elif isinstance(teacher, Tensor):
@@ -192,28 +198,47 @@ class _Teacher:
                     f"teacher logits have shape {tuple(teacher.shape)} but the student head predicts "
                     f"{vocabulary} classes: they must be (N, {vocabulary})"
                 )
-        elif isinstance(teacher, tuple) and len(teacher) == 2:
+        elif isinstance(teacher, tuple) and len(teacher) in (2, 3):
             self.weight, self.bias = (part.detach() if part is not None else None for part in _head_parts(teacher[1]))
             self.hidden = teacher[0].detach().to(self.weight.dtype)  # e.g. bf16 hidden states, a float32 head
+            self.transform = teacher[2] if len(teacher) == 3 else None
             found = self.hidden.shape[0]
-            if self.hidden.dim() != 2 or self.weight.shape != (vocabulary, self.hidden.shape[1]):
+            # With a transform (e.g. a pruned student's coarsen) the head's width is the teacher's own
+            # vocabulary; the transformed rows are checked against the student's in rows().
+            columns_ok = self.transform is not None or self.weight.shape[0] == vocabulary
+            if self.hidden.dim() != 2 or self.weight.dim() != 2 or self.weight.shape[1] != self.hidden.shape[1]:
+                columns_ok = False
+            if not columns_ok:
                 raise ClassCountError(
                     f"teacher hidden states {tuple(self.hidden.shape)} and head weight {tuple(self.weight.shape)} "
                     f"do not give (N, {vocabulary}) logits like the student's head"
                 )
         else:
-            raise TypeError("teacher must be logits (N, V), (teacher_hidden, teacher_head) or a TopKLogits")
+            raise TypeError(
+                "teacher must be logits (N, V), (teacher_hidden, teacher_head[, transform]), a TopKLogits or None"
+            )
         if found != rows:
             raise ValueError(f"the teacher has {found} rows but the student {rows}")
 
-    def rows(self, index: Tensor, buffer: Tensor | None) -> Tensor | losses.TopKLogits:
-        """The teacher's logits ``(b, V)`` or top-k entries for the rows ``index`` ``(b,)``.
+    def rows(self, index: Tensor, buffer: Tensor | None) -> Tensor | losses.TopKLogits | None:
+        """The teacher's logits ``(b, V)`` or top-k entries for the rows ``index`` ``(b,)`` (None: no teacher).
 
         Logits are written into ``buffer[:b]`` (``(≥ b, V)``, the dtype they are computed in) when
         the dtypes agree, so that slab after slab reuses the same memory (no fresh pages to fault in).
         """
+        if self.absent:
+            return None
         if self.topk is not None:
             return losses.TopKLogits(*(part.index_select(0, index) for part in self.topk))
+        if self.transform is not None:  # (b, V_teacher) logits, transformed row by row to (b, V)
+            with torch.no_grad():
+                found = self.transform(F.linear(self.hidden.index_select(0, index), self.weight, self.bias))
+            if found.shape != (index.numel(), self.vocabulary):
+                raise ClassCountError(
+                    f"the teacher's transformed logits have shape {tuple(found.shape)}, "
+                    f"the student's head predicts {self.vocabulary} classes"
+                )
+            return found if buffer is None else found.to(buffer.dtype)
         source = self.logits if self.logits is not None else self.weight
         if buffer is None or source.dtype != buffer.dtype:
             with torch.no_grad():  # the teacher never needs gradients
@@ -230,8 +255,12 @@ class _Teacher:
             return out if self.bias is None else out.add_(self.bias)
 
 
-def _slice_rows(teacher: Tensor | losses.TopKLogits, start: int, length: int) -> Tensor | losses.TopKLogits:
+def _slice_rows(
+    teacher: Tensor | losses.TopKLogits | None, start: int, length: int
+) -> Tensor | losses.TopKLogits | None:
     """Rows ``start : start + length`` of teacher logits or of top-k entries (views, no copy)."""
+    if teacher is None:
+        return None
     if isinstance(teacher, losses.TopKLogits):
         return losses.TopKLogits(*(part[start : start + length] for part in teacher))
     return teacher[start : start + length]
@@ -264,20 +293,22 @@ def _scaled(logits: Tensor, temperature: float) -> Tensor:
 
 
 def _block(
-    student_logits: Tensor, teacher: Tensor | losses.TopKLogits, labels: Tensor | None, settings: _Settings
+    student_logits: Tensor, teacher: Tensor | losses.TopKLogits | None, labels: Tensor | None, settings: _Settings
 ) -> tuple[Tensor, Tensor]:
     """Sums of the divergence and CE over one block's rows, and the block's loss gradient, in place.
 
     Args:
         student_logits: ``(b, V)``, overwritten with ``∂ loss / ∂ z_s`` when gradients are needed.
-        teacher: ``(b, V)`` logits or top-k rows; labels: ``(b,)`` or None.
+        teacher: ``(b, V)`` logits, top-k rows, or None (no teacher: CE only); labels: ``(b,)`` or None.
 
     Returns:
         ``(Σ_rows D, Σ_rows CE)``, float64 scalars.
     """
     temperature, divergence = settings.temperature, settings.divergence
     gradient = log_p_student = None
-    if isinstance(teacher, losses.TopKLogits):
+    if teacher is None:  # cross-entropy only: no divergence, no response gradient
+        rows = student_logits.new_zeros(1)
+    elif isinstance(teacher, losses.TopKLogits):
         log_p_student = F.log_softmax(_scaled(student_logits, temperature), -1)
         rows, gradient = _topk_kl_gradient(log_p_student, teacher, temperature)
     elif divergence.gradient is not None:
@@ -300,7 +331,7 @@ def _block(
         log_p_one = F.log_softmax(student_logits, -1) if log_p_one is None else log_p_one
         ce_sum = -log_p_one.gather(-1, labels[:, None]).sum(dtype=torch.float64)
     if settings.needs_gradient:  # the logits are read for the last time: write the gradient over them
-        if settings.response_scale:
+        if settings.response_scale and gradient is not None:
             torch.mul(gradient, settings.response_scale / temperature, out=student_logits)
         else:
             student_logits.zero_()
@@ -312,7 +343,7 @@ def _block(
 
 
 def _slab(
-    student_logits: Tensor, teacher: Tensor | losses.TopKLogits, labels: Tensor | None, settings: _Settings
+    student_logits: Tensor, teacher: Tensor | losses.TopKLogits | None, labels: Tensor | None, settings: _Settings
 ) -> tuple[Tensor, Tensor]:
     """:func:`_block` over the rows of a slab ``(s, V)``, :data:`BLOCK_ROWS` at a time; the summed sums."""
     response_sum = ce_sum = 0.0
@@ -356,9 +387,8 @@ class _ChunkedLoss(torch.autograd.Function):
         # allocations of that size would be new pages for the kernel to fault in, chunk after chunk.
         vocabulary, largest_chunk = head_weight.shape[0], min(chunk_size, rows.numel())
         logits_buffer = hidden.new_empty(largest_chunk, vocabulary)
-        slab_buffer = (
-            None if teacher.topk is not None else hidden.new_empty(min(TEACHER_ROWS, largest_chunk), vocabulary)
-        )
+        dense = teacher.topk is None and not teacher.absent and teacher.transform is None
+        slab_buffer = hidden.new_empty(min(TEACHER_ROWS, largest_chunk), vocabulary) if dense else None
         for start in range(0, rows.numel(), chunk_size):
             index = rows[start : start + chunk_size]
             chunk_hidden = hidden.index_select(0, index)
@@ -408,7 +438,7 @@ class _ChunkedLoss(torch.autograd.Function):
 def chunked_distillation_loss(
     student_hidden: Tensor,
     student_head: Head,
-    teacher: Tensor | tuple[Tensor, Head] | losses.TopKLogits,
+    teacher: Tensor | tuple[Tensor, Head] | tuple[Tensor, Head, Callable[[Tensor], Tensor]] | losses.TopKLogits | None,
     labels: Tensor | None = None,
     *,
     divergence: str | Callable = "kl",
@@ -435,7 +465,10 @@ def chunked_distillation_loss(
             included), or ``(weight, bias or None)``.
         teacher: logits ``(N, V)``; or ``(teacher_hidden (N, H_t), teacher_head)`` so its logits
             are computed block by block and never held in full; or a
-            :class:`kdistill.losses.TopKLogits` with ``(N, k)`` entries (the ``kl`` loss only).
+            :class:`kdistill.losses.TopKLogits` with ``(N, k)`` entries (the ``kl`` loss only);
+            or ``(teacher_hidden, teacher_head, transform)``, ``transform`` mapping ``(b, V_t)``
+            teacher logits row by row to ``(b, V)`` (e.g. a pruned student's ``coarsen``);
+            or None: no teacher, ``response`` is 0 and the loss is ``ce`` alone.
         labels: ``(N,)`` class ids or None (then ``ce`` is 0).
         divergence: a name in :data:`kdistill.losses.RESPONSE_LOSSES`, or a row-wise response loss
             (e.g. ``functools.partial(generalized_jsd, beta=0.9)``); not ``dist``, which is not row-wise.
@@ -466,6 +499,8 @@ def chunked_distillation_loss(
     if not temperature > 0:
         raise ConfigError(f"temperature must be positive, got {temperature}")
     resolved = _resolve_divergence(divergence)
+    if teacher is None:  # no divergence: its weight must not scale a gradient that is not there
+        alpha = 0.0
     if isinstance(teacher, losses.TopKLogits) and resolved.function is not losses.kl_divergence:
         raise ConfigError("a top-k teacher supports the kl response loss only")
     count_rows, vocabulary = student_hidden.shape[0], weight.shape[0]

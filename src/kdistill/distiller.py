@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdistill import losses
+from kdistill import chunked, losses
 from kdistill.adapters import LAYOUTS, Layout, build_adapter, infer_layout
 
 # The model-calling helpers lived here and stay importable from this module (callers outside the
@@ -30,6 +32,23 @@ from kdistill.losses import TopKLogits
 from kdistill.vocabulary import PrunedVocabulary
 
 TeacherLogits = Tensor | TopKLogits  # dense (..., C) logits, or a top-k cache's
+
+
+class TeacherHidden(NamedTuple):
+    """A live teacher under ``chunk_tokens``, in place of its logits."""
+
+    hidden: Tensor
+    """``(N, T, H_t)`` final hidden states, the input of its head."""
+    head: nn.Linear
+    """Its output head ``H_t → V``."""
+    coarsen: Callable[[Tensor], Tensor] | None
+    """For a pruned-vocabulary student: ``(b, V)`` logits rows → ``(b, |K| + 1)``; else None."""
+
+
+AUTO_CHUNK_VOCABULARY = 32_768
+"""``chunk_tokens="auto"`` chunks when the vocabulary (teacher's or student's full one) is at least this."""
+DEFAULT_CHUNK_TOKENS = 1024
+"""Rows per chunk for ``chunk_tokens="auto"``: ``(1024, V)`` is 201 MB in float32 at V = 49,152."""
 
 
 @dataclass(frozen=True)
@@ -90,6 +109,14 @@ class Distiller(nn.Module):
         causal_lm: the models are causal language models (spec section 6): the logits at ``t``
             predict the token at ``t + 1``. None decides by :func:`kdistill.calls.is_causal_lm`
             of the student.
+        chunk_tokens: for a causal LM, compute the head, the response term and CE ``chunk_tokens``
+            positions at a time with :func:`kdistill.chunked.chunked_distillation_loss`, so that no
+            ``(N, T, V)`` logits tensor exists (see "Chunked loss" below). None (the default): off,
+            the logits are computed in full. ``"auto"``: on, with :data:`DEFAULT_CHUNK_TOKENS`, for a
+            causal LM whose vocabulary is at least :data:`AUTO_CHUNK_VOCABULARY` and whose models
+            have ``nn.Linear`` output heads and a response loss that can be chunked (not ``dist``);
+            off otherwise. The library default is off because the chunked output has no ``logits``
+            entry; the config's ``distill.chunk_tokens`` defaults to ``"auto"``.
 
     ``forward(inputs, labels=None)`` returns a dict with ``loss``, ``ce``, ``response``,
     ``feature``, one ``feature/<student>-><teacher>`` per pair and ``logits``. Inputs
@@ -122,6 +149,20 @@ class Distiller(nn.Module):
     dense ones with ``V`` columns) are coarsened with ``student.coarsen(·, τ)``; a cached
     :class:`~kdistill.losses.TopKLogits` is taken as already coarsened (its indices compact ids).
 
+    Chunked loss (``chunk_tokens``): the student and a live teacher run with their output heads
+    (``get_output_embeddings()``, an ``nn.Linear``) bypassed: each head's input, the final hidden
+    states ``(N, T, H)``, is captured and the head returns an empty ``(N, T, 0)`` stand-in, so no
+    full logits are computed. The hidden states are shifted like logits (``[:, :-1]`` against
+    ``labels[:, 1:]``), and ``chunked_distillation_loss`` gets the student's head (for a
+    :class:`~kdistill.vocabulary.PrunedVocabulary` student: its cut head and the bias
+    ``(0, …, 0, other_bias)``, so ``other_bias`` gets its gradient; the inner model is called on the
+    compact ids), and the teacher's hidden states and head (coarsened chunk by chunk for a pruned
+    student) or the cached logits / :class:`TopKLogits`. Loss, ``ce``, ``response`` and every
+    gradient equal the unchunked ones up to rounding. The output has no ``logits`` entry: there are
+    none (callers use ``out.get("logits")``; the trainer's running accuracy only reads 2-D logits).
+    A forward hook on a head module sees the ``(N, T, 0)`` stand-in. The loss's gradients are
+    computed in the forward pass: one backward per forward.
+
     Under ``DistributedDataParallel``: when the student's logits enter no weighted term
     (``alpha = 0`` and no labels: feature-only distillation), the loss includes them with
     weight 0, so every student parameter gets a (zero) gradient and DDP needs no
@@ -146,6 +187,7 @@ class Distiller(nn.Module):
         check_finite: bool = True,
         teacher_dtype: torch.dtype | None = None,
         causal_lm: bool | None = None,
+        chunk_tokens: int | Literal["auto"] | None = None,
     ) -> None:
         super().__init__()
         _check_range("temperature", temperature, minimum=0.0, inclusive=False)
@@ -173,6 +215,8 @@ class Distiller(nn.Module):
         self._feature_losses = [losses.resolve(p.loss, losses.FEATURE_LOSSES, "feature") for p in self.pairs]
 
         check_vocabularies(teacher, student)
+        self.chunk_tokens = chunk_tokens
+        self.chunk_size = _chunk_size(chunk_tokens, teacher, student, self.causal_lm, response_loss)
         self.student = student
         teacher.requires_grad_(False)
         teacher.eval()
@@ -204,6 +248,11 @@ class Distiller(nn.Module):
         was_training = self.student.training
         self.student.eval()
         try:
+            if self.chunk_size is not None:  # the hidden states only: no full logits, even once
+                _, teacher_features = self.run_teacher_hidden(sample_input)
+                _, student_features = self._run_student_hidden(sample_input)
+                self._build_adapters(student_features, teacher_features)
+                return
             teacher_logits, teacher_features = self.run_teacher(sample_input)
             student_logits, student_features = self._run_student(sample_input)
             if teacher_logits is not None:
@@ -268,6 +317,8 @@ class Distiller(nn.Module):
         """
         inputs, labels = split_labels(inputs, labels)
         mask = token_mask(inputs)
+        if self.chunk_size is not None:
+            return self._forward_chunked(inputs, labels, mask, teacher_outputs)
         if teacher_outputs is None:
             teacher_logits, teacher_features = self.run_teacher(inputs)
         else:
@@ -280,6 +331,25 @@ class Distiller(nn.Module):
             self._build_adapters(student_features, teacher_features)
         return self.compute_losses(student_logits, teacher_logits, student_features, teacher_features, labels, mask)
 
+    def _forward_chunked(
+        self,
+        inputs: Any,
+        labels: Tensor | None,
+        mask: Tensor | None,
+        teacher_outputs: tuple[TeacherLogits | None, Mapping[str, Tensor]] | None,
+    ) -> dict[str, Tensor]:
+        """:meth:`forward` with ``chunk_tokens``: hidden states and heads instead of logits."""
+        teacher: TeacherHidden | TeacherLogits | None
+        if teacher_outputs is None:
+            teacher, teacher_features = self.run_teacher_hidden(inputs)
+        else:
+            teacher_logits, teacher_features = teacher_outputs
+            teacher = self.teacher_logits_for_student(teacher_logits, live=False)
+        student_hidden, student_features = self._run_student_hidden(inputs)
+        if not self._built:
+            self._build_adapters(student_features, teacher_features)
+        return self.compute_chunked_losses(student_hidden, teacher, student_features, teacher_features, labels, mask)
+
     def _run_student(self, inputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """The student's logits and hooked features for ``inputs`` (with autograd, unless disabled)."""
         self._student_recorder.clear()
@@ -290,12 +360,44 @@ class Distiller(nn.Module):
             raise
         return logits, self._student_recorder.pop()
 
+    def _run_student_hidden(self, inputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """The student's final hidden states ``(N, T, H)`` (its head's input; the head is not run) and
+        hooked features. A pruned-vocabulary student's inner model is called on the compact ids."""
+        model, model_inputs = self.student, inputs
+        if isinstance(model, PrunedVocabulary):
+            model, model_inputs = model.model, _compact_inputs(model, inputs)
+        self._student_recorder.clear()
+        try:
+            with _bypassed_head(model, "student") as captured:
+                call_model(model, model_inputs)
+        except BaseException:
+            self._student_recorder.discard()
+            raise
+        return _captured_hidden(captured, "student"), self._student_recorder.pop()
+
+    @torch.no_grad()
+    def run_teacher_hidden(self, inputs: Any) -> tuple[TeacherHidden | None, dict[str, Tensor]]:
+        """The teacher's ``(final hidden states (N, T, H_t), head, coarsen or None)`` and hooked features,
+        its head not run (see the class docstring, "Chunked loss"); None when ``alpha = 0`` stopped it."""
+        head = _output_head(self.teacher, "teacher")
+        hidden, features = self._teacher_pass(inputs, bypass_head=True)
+        if hidden is None:
+            return None, features
+        coarsen = None
+        if isinstance(self.student, PrunedVocabulary):
+            coarsen = functools.partial(self.student.coarsen, temperature=self.temperature)
+        return TeacherHidden(hidden, head, coarsen), features
+
     @torch.no_grad()
     def run_teacher(self, inputs: Any) -> tuple[Tensor | None, dict[str, Tensor]]:
         """The teacher's logits and hooked features for ``inputs``, without an autograd graph.
 
         With ``alpha = 0`` the forward pass stops after the last paired layer and the logits are None.
         """
+        return self._teacher_pass(inputs, bypass_head=False)
+
+    def _teacher_pass(self, inputs: Any, *, bypass_head: bool) -> tuple[Tensor | None, dict[str, Tensor]]:
+        """The teacher's logits, or with ``bypass_head`` its head's input, and its hooked features."""
         self._teacher_recorder.clear()
         # With α = 0 nothing after the deepest paired teacher layer is needed: stop the teacher there.
         self._teacher_recorder.stop_when_complete = self.stops_teacher_early
@@ -305,7 +407,12 @@ class Distiller(nn.Module):
             precision = torch.autocast(device.type, dtype=self.teacher_dtype)
         try:
             with precision:
-                logits = self.logits_fn(call_model(self.teacher, inputs))
+                if bypass_head:
+                    with _bypassed_head(self.teacher, "teacher") as captured:
+                        call_model(self.teacher, inputs)
+                    logits = _captured_hidden(captured, "teacher")
+                else:
+                    logits = self.logits_fn(call_model(self.teacher, inputs))
         except StopForward:
             logits = None
         except BaseException:
@@ -378,20 +485,7 @@ class Distiller(nn.Module):
                     temperature_squared=self.temperature_squared,
                     loss=self._response_loss,
                 )
-        out: dict[str, Tensor] = {}
-        feature = student_logits.new_zeros((), dtype=torch.float32)
-        for index, (pair, loss_fn) in enumerate(zip(self.pairs, self._feature_losses)):
-            student_feature = self.adapters[str(index)](student_features[pair.student])
-            teacher_feature = teacher_features[pair.teacher].detach()
-            if student_feature.shape != teacher_feature.shape:
-                raise FeatureShapeError(  # only reachable with a user-given adapter
-                    f"adapter of feature pair {pair.name} gives shape {tuple(student_feature.shape)}, "
-                    f"teacher feature has {tuple(teacher_feature.shape)}"
-                )
-            pair_mask = mask if _is_token_mask(mask, teacher_feature) else None
-            term = loss_fn(student_feature, teacher_feature, pair_mask)
-            out[f"feature/{pair.name}"] = term
-            feature = feature + pair.weight * term
+        feature, terms = self._feature_terms(student_logits, student_features, teacher_features, mask)
         if scored_labels is not None:
             ce = losses.cross_entropy(scored_logits, scored_labels, self.ignore_index)
         else:
@@ -404,8 +498,117 @@ class Distiller(nn.Module):
                 total = total + student_logits.float().sum() * 0.0
         else:
             total = self.beta * (self.alpha * response + feature) + ce
+        return self._output(total, ce, response, feature, terms, student_logits)
+
+    def compute_chunked_losses(
+        self,
+        student_hidden: Tensor,
+        teacher: TeacherHidden | TeacherLogits | None,
+        student_features: Mapping[str, Tensor],
+        teacher_features: Mapping[str, Tensor],
+        labels: Tensor | None = None,
+        mask: Tensor | None = None,
+    ) -> dict[str, Tensor]:
+        """:meth:`compute_losses` from the student's final hidden states, chunk by chunk (``chunk_tokens``).
+
+        Args:
+            student_hidden: ``(N, T, H)``, unshifted, the input of the student's head.
+            teacher: a live teacher's :data:`TeacherHidden` (``(N, T, H_t)`` hidden states, head,
+                coarsen), cached ``(N, T, C)`` logits or :class:`TopKLogits` over the student's outputs,
+                or None (``alpha = 0`` stopped the teacher: no ``response`` key).
+            labels, mask: ``(N, T)``, unshifted full ids / attention mask, or None.
+
+        Returns:
+            The keys of :meth:`compute_losses` but ``logits`` (see the class docstring).
+        """
+        if self.chunk_size is None:
+            raise ConfigError("compute_chunked_losses needs a Distiller built with chunk_tokens")
+        student = self.student
+        if isinstance(student, PrunedVocabulary):
+            if not isinstance(teacher, TeacherHidden):  # a live teacher's rows are coarsened inside the loss
+                _check_compact(teacher, student)
+            if labels is not None:
+                labels = student.compact(labels)
+        live = isinstance(teacher, TeacherHidden)  # (a TopKLogits is a tuple too)
+        shifted_teacher = teacher.hidden if live else teacher
+        hidden, shifted_teacher, scored_labels, scored_mask = next_token_positions(
+            student_hidden, shifted_teacher, labels, mask, self.ignore_index
+        )
+        rows = hidden.shape[0] * hidden.shape[1]
+        flat_teacher: Any = None
+        if live:
+            flat_teacher = (shifted_teacher.reshape(rows, -1), teacher.head)
+            if teacher.coarsen is not None:
+                flat_teacher = (*flat_teacher, teacher.coarsen)
+        elif isinstance(shifted_teacher, TopKLogits):
+            flat_teacher = shifted_teacher.rows(None)
+        elif shifted_teacher is not None:
+            flat_teacher = shifted_teacher.reshape(rows, shifted_teacher.shape[-1])
+        flat_mask = scored_mask.reshape(-1) if _is_token_mask(scored_mask, hidden) else None
+        values = chunked.chunked_distillation_loss(
+            hidden.reshape(rows, hidden.shape[-1]),
+            _student_head(student),
+            flat_teacher,
+            None if scored_labels is None else scored_labels.reshape(-1),
+            divergence=self._response_loss,
+            temperature=self.temperature,
+            alpha=self.alpha,
+            beta=self.beta,
+            ignore_index=self.ignore_index,
+            chunk_size=self.chunk_size,
+            mask=flat_mask,
+            temperature_squared=self.temperature_squared,
+        )
+        feature, terms = self._feature_terms(student_hidden, student_features, teacher_features, mask)
+        # chunked's loss is β·α·L_resp + L_CE (just L_CE when α = 0 or there is no teacher): add β·L_feat.
+        total = values["loss"] + self.beta * feature
+        if (self.alpha == 0 or teacher is None) and scored_labels is None:
+            # Nothing weighted reaches the head: chunked's loss is a 0 whose (zero) gradients reach every
+            # student parameter (for DDP, as compute_losses's weight-0 logits); float32, as that one.
+            total = values["loss"].float() + self.beta * feature
+        response = None if teacher is None else values["response"]
+        # Without labels CE is a float32 0, as compute_losses reports it (chunked's is in the loss's dtype).
+        ce = values["ce"] if scored_labels is not None else student_hidden.new_zeros((), dtype=torch.float32)
+        return self._output(total, ce, response, feature, terms, None)
+
+    def _feature_terms(
+        self,
+        reference: Tensor,
+        student_features: Mapping[str, Tensor],
+        teacher_features: Mapping[str, Tensor],
+        mask: Tensor | None,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """``(L_feat = Σ w_i · term_i, {"feature/<pair>": term_i})``; ``reference`` gives the device."""
+        terms: dict[str, Tensor] = {}
+        feature = reference.new_zeros((), dtype=torch.float32)
+        for index, (pair, loss_fn) in enumerate(zip(self.pairs, self._feature_losses)):
+            student_feature = self.adapters[str(index)](student_features[pair.student])
+            teacher_feature = teacher_features[pair.teacher].detach()
+            if student_feature.shape != teacher_feature.shape:
+                raise FeatureShapeError(  # only reachable with a user-given adapter
+                    f"adapter of feature pair {pair.name} gives shape {tuple(student_feature.shape)}, "
+                    f"teacher feature has {tuple(teacher_feature.shape)}"
+                )
+            pair_mask = mask if _is_token_mask(mask, teacher_feature) else None
+            term = loss_fn(student_feature, teacher_feature, pair_mask)
+            terms[f"feature/{pair.name}"] = term
+            feature = feature + pair.weight * term
+        return feature, terms
+
+    def _output(
+        self,
+        total: Tensor,
+        ce: Tensor,
+        response: Tensor | None,
+        feature: Tensor,
+        terms: dict[str, Tensor],
+        logits: Tensor | None,
+    ) -> dict[str, Tensor]:
+        """The loss dict in the documented key order; raises on a non-finite loss (``check_finite``)."""
         head = {"loss": total, "ce": ce} if response is None else {"loss": total, "ce": ce, "response": response}
-        out = {**head, "feature": feature, **out, "logits": student_logits}
+        out = {**head, "feature": feature, **terms}
+        if logits is not None:
+            out["logits"] = logits
         if self.check_finite and not bool(torch.isfinite(total)):
             raise _non_finite(out)
         return out
@@ -507,6 +710,111 @@ def _non_finite(out: Mapping[str, Tensor]) -> NonFiniteLossError:
         name for name, value in out.items() if name not in ("loss", "logits") and not bool(torch.isfinite(value).all())
     ]
     which = ", ".join(terms) if terms else "loss"
-    if not bool(torch.isfinite(out["logits"]).all()):
+    logits = out.get("logits")  # none under chunk_tokens
+    if logits is not None and not bool(torch.isfinite(logits).all()):
         which += " (the student's logits are not finite: check the inputs and the learning rate)"
     return NonFiniteLossError(f"non-finite loss in term {which}", term=terms[0] if terms else "loss")
+
+
+# -- chunked loss helpers ---------------------------------------------------------------------------
+
+
+def _output_head(model: nn.Module, role: str) -> nn.Linear:
+    """``model.get_output_embeddings()``, which must be an ``nn.Linear`` for the chunked loss."""
+    getter = getattr(model, "get_output_embeddings", None)
+    head = getter() if callable(getter) else None
+    if not isinstance(head, nn.Linear):
+        raise ConfigError(
+            f"chunk_tokens needs the {role}'s output head as an nn.Linear from get_output_embeddings(), "
+            f"{type(model).__name__} gives {type(head).__name__}; set chunk_tokens to None"
+        )
+    return head
+
+
+def _student_head(student: nn.Module) -> tuple[Tensor, Tensor | None]:
+    """The student head's ``(weight (V, H), bias (V,) or None)``; for a pruned student the cut head's
+    weight and its bias plus ``(0, …, 0, other_bias)``, built in the graph so ``other_bias`` gets a gradient."""
+    if isinstance(student, PrunedVocabulary):
+        head = _output_head(student.model, "student")
+        other = F.pad(student.other_bias.reshape(1).to(head.weight.dtype), (student.other, 0))
+        return head.weight, other if head.bias is None else head.bias + other
+    head = _output_head(student, "student")
+    return head.weight, head.bias
+
+
+@contextmanager
+def _bypassed_head(model: nn.Module, role: str) -> Iterator[list[Tensor]]:
+    """Within the block, ``model``'s output head records its input and returns an empty ``(..., 0)``
+    stand-in instead of its ``(..., V)`` logits; the list yielded holds the recorded inputs."""
+    head = _output_head(model, role)
+    captured: list[Tensor] = []
+
+    def record(hidden: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        captured.append(hidden)
+        return hidden.new_empty((*hidden.shape[:-1], 0))
+
+    # An instance attribute shadows the class's forward; one already there (accelerate's hooks put
+    # theirs there) is put back afterwards.
+    previous = head.__dict__.get("forward")
+    head.forward = record
+    try:
+        yield captured
+    finally:
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
+
+
+def _captured_hidden(captured: list[Tensor], role: str) -> Tensor:
+    if len(captured) != 1 or captured[0].dim() != 3:
+        shapes = [tuple(hidden.shape) for hidden in captured]
+        raise ConfigError(
+            f"chunk_tokens: the {role}'s output head must be called once on (N, T, H) hidden states "
+            f"in a forward pass, got calls on {shapes}; set chunk_tokens to None"
+        )
+    return captured[0]
+
+
+def _compact_inputs(student: PrunedVocabulary, inputs: Any) -> Any:
+    """The inputs of a pruned student's inner model: ``input_ids`` (a mapping's entry, a tuple's first
+    element, or the tensor) mapped to compact ids, as :meth:`PrunedVocabulary.forward` does."""
+    if isinstance(inputs, Mapping):
+        return {**inputs, "input_ids": student.compact(inputs["input_ids"])}
+    if isinstance(inputs, (tuple, list)):
+        return (student.compact(inputs[0]), *inputs[1:])
+    return student.compact(inputs)
+
+
+def _chunk_size(
+    chunk_tokens: int | str | None,
+    teacher: nn.Module,
+    student: nn.Module,
+    causal_lm: bool,
+    response_loss: str | Callable,
+) -> int | None:
+    """Rows per chunk of the chunked loss, or None when it is off (see ``chunk_tokens`` in :class:`Distiller`).
+
+    Raises:
+        ConfigError: a value that is none of None, ``"auto"`` or a positive int; or an int where the
+            chunked loss cannot run (not a causal LM, no ``nn.Linear`` heads, the ``dist`` loss).
+    """
+    if chunk_tokens is None:
+        return None
+    auto = chunk_tokens == "auto"
+    if not auto and (isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, int) or chunk_tokens < 1):
+        raise ConfigError(f"chunk_tokens must be a positive number of tokens, 'auto' or None, got {chunk_tokens!r}")
+    try:
+        if not causal_lm:
+            raise ConfigError("chunk_tokens applies to causal language models only (causal_lm=True)")
+        heads = [_output_head(teacher, "teacher")]
+        heads.append(_output_head(student.model if isinstance(student, PrunedVocabulary) else student, "student"))
+        chunked._resolve_divergence(response_loss)  # dist cannot be chunked
+    except ConfigError:
+        if auto:
+            return None
+        raise
+    if not auto:
+        return int(chunk_tokens)
+    vocabulary = max([head.out_features for head in heads] + [getattr(student, "vocab_size", 0)])
+    return DEFAULT_CHUNK_TOKENS if vocabulary >= AUTO_CHUNK_VOCABULARY else None
