@@ -1,4 +1,5 @@
-"""The ``kdistill`` command line: ``demo``, ``train``, ``inspect``, ``eval``, ``report``, ``export``.
+"""The ``kdistill`` command line: ``demo``, ``train``, ``inspect``, ``eval``, ``report``, ``export``,
+``generate`` (a language-model run's greedy continuation of a prompt).
 
 Each subcommand is a few lines over the library. A problem the user can fix is one
 line on stderr and exit status 2; Ctrl-C during training checkpoints and exits 130.
@@ -140,6 +141,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", default=None, help="output file (default: RUN/export/student.<format>)")
     export.add_argument("--weights", default=None, help="weights file (default: RUN/distill/student.safetensors)")
     export.set_defaults(handler=cmd_export)
+
+    generate = commands.add_parser("generate", help="continue a prompt with a language-model run's student")
+    generate.add_argument("run", help="run directory of a language-model run (data.dataset: corpus)")
+    generate.add_argument("--prompt", required=True, help="the text to continue")
+    generate.add_argument("--max-new-tokens", type=int, default=40, help="tokens to generate at most (default 40)")
+    generate.add_argument("--model", choices=["student", "baseline", "teacher"], default="student")
+    generate.set_defaults(handler=cmd_generate)
     return parser
 
 
@@ -181,9 +189,22 @@ def _run(config: Any, args: argparse.Namespace, title: str) -> int:
     report = run(config, out, resume=args.resume, force=args.force, log=log)
     if not place.is_main:
         return 0
-    print(markdown(report, title).split("\n", 2)[2].strip())
     seconds = time.perf_counter() - started
+    if report.get("kind") == "language-model":
+        from kdistill.lm_run import markdown as lm_markdown
+
+        print(lm_markdown(report, title).split("\n", 2)[2].strip())
+        print(f"\nwrote {out / 'report.md'} and {out / 'report.json'} in {seconds:.0f} s")
+        return 0
+    print(markdown(report, title).split("\n", 2)[2].strip())
     print(f"\nwrote {out / 'report.md'}, {out / 'report.json'} and {out / 'plots'}/ in {seconds:.0f} s")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from kdistill.lm_run import generate
+
+    print(generate(args.run, args.prompt, max_new_tokens=args.max_new_tokens, model=args.model))
     return 0
 
 
@@ -199,27 +220,31 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print("built-in models:")
         for name, builder in BUILTIN_MODELS.items():
             print(f"  {name:<15} {(builder.__doc__ or '').strip().splitlines()[0]}")
+        print(f"  {SMOLLM2:<15} SmolLM2-135M-Instruct, the built-in causal-LM teacher (data.dataset: corpus)")
         print("built-in datasets:")
         for name, text in BUILTIN_DATASETS.items():
             print(f"  {name:<15} {text}")
+        print(f"  {'corpus':<15} language modelling on the text at data.path (or the built-in rotten-tomatoes)")
         return 0
     if args.seq_len < 1:
         raise KDistillError(f"inspect: --seq-len must be ≥ 1, got {args.seq_len}")
     if args.classes < 1:
         raise KDistillError(f"inspect: --classes must be ≥ 1, got {args.classes}")
     if args.config:
-        from kdistill.config import load_config
+        from kdistill.config import CORPUS, load_config
         from kdistill.data import load_data
         from kdistill.pipeline import build_pair, sample_inputs
 
         config = load_config(args.config)
-        splits = load_data(config.data)
-        shape = splits.input_shape
-        models = dict(zip(("teacher", "student"), build_pair(config, splits)))
-        specs = {
-            role: (spec.model, spec.args) for role, spec in (("teacher", config.teacher), ("student", config.student))
-        }
-        sample = sample_inputs(splits)
+        if config.data.dataset == CORPUS:  # a language-model run: the teacher and its shrunk student
+            from kdistill.lm_run import build_student, load_teacher
+
+            teacher, _ = load_teacher(config)
+            models = {"teacher": teacher, "student": build_student(teacher, config.student.args or {}, None)}
+            specs = {"teacher": (config.teacher.model, config.teacher.args), "student": ("shrink", config.student.args)}
+            shape, sample = _token_sample(args.seq_len)
+        else:
+            models, specs, shape, sample = _inspect_config(config, load_data, build_pair, sample_inputs)
     else:
         if not args.model:
             raise KDistillError("inspect: name a model (e.g. `kdistill inspect cnn --input-shape 1,28,28`) or --config")
@@ -228,10 +253,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         specs = {("model" if not args.student else "teacher"): (args.model, _yaml_mapping(args.args, "--args"))}
         if args.student:
             specs["student"] = (args.student, _yaml_mapping(args.student_args, "--student-args"))
-        if args.model == "hf":  # token ids: a batch of two sentences of --seq-len tokens
-            shape = (args.seq_len,)
-            ids = torch.full((2, args.seq_len), 5, dtype=torch.long)
-            sample = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        if args.model in ("hf", SMOLLM2):  # token ids: a batch of two sentences of --seq-len tokens
+            shape, sample = _token_sample(args.seq_len)
         else:
             shape = _shape(args.input_shape or "1,28,28")
             sample = torch.zeros(2, *shape)
@@ -241,6 +264,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
                 from kdistill.pipeline import shrink
 
                 models[role] = shrink(models["teacher"], **model_args).student
+            elif name == SMOLLM2:  # the built-in causal-LM teacher (not a BUILTIN_MODELS factory)
+                from kdistill.hf import load_causal_lm
+
+                if model_args:
+                    raise KDistillError(f"inspect: {SMOLLM2} takes no --args, got {model_args}")
+                models[role] = load_causal_lm(SMOLLM2)
             else:
                 models[role] = build_model(name, model_args, input_shape=shape, num_classes=args.classes)
     for role, model in models.items():
@@ -275,6 +304,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         for pair in pairs:
             print(f"  - {{student: {pair.student}, teacher: {pair.teacher}}}")
     return 0
+
+
+SMOLLM2 = "smollm2-135m"  # kdistill.hf.SMOLLM2 (hf imports transformers lazily, but keep the CLI light)
+
+
+def _token_sample(seq_len: int) -> tuple[tuple[int, ...], dict[str, Any]]:
+    """``(shape, sample)`` for text models: two sequences of ``seq_len`` token ids."""
+    import torch
+
+    ids = torch.full((2, seq_len), 5, dtype=torch.long)
+    return (seq_len,), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _inspect_config(config: Any, load_data: Any, build_pair: Any, sample_inputs: Any) -> tuple[Any, Any, Any, Any]:
+    """Models, ``(name, args)`` specs, input shape and sample of a classification run's config."""
+    splits = load_data(config.data)
+    models = dict(zip(("teacher", "student"), build_pair(config, splits)))
+    specs = {role: (spec.model, spec.args) for role, spec in (("teacher", config.teacher), ("student", config.student))}
+    return models, specs, splits.input_shape, sample_inputs(splits)
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -322,6 +370,11 @@ def _load_run(run_dir: str) -> tuple[Any, Any, Any, Any]:
     if not (path / "config.yaml").exists():
         raise KDistillError(f"{run_dir} is not a kdistill run directory (no config.yaml)")
     config = from_dict(read_yaml(path / "config.yaml"))
+    if config.data.dataset == "corpus":
+        raise KDistillError(
+            f"{run_dir} is a language-model run: its report.json holds its measurements; "
+            "use `kdistill generate` to try its student"
+        )
     splits = load_data(config.data)
     teacher, student = build_pair(config, splits)
     return config, splits, teacher, student

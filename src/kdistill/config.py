@@ -107,12 +107,41 @@ class TeacherConfig(ModelConfig):
 
 @dataclass(frozen=True)
 class StudentConfig(ModelConfig):
-    """The student. ``args`` defaults to ``{channels: [8, 16, 32]}`` for ``cnn``, else ``{}``."""
+    """The student. ``args`` defaults to ``{channels: [8, 16, 32]}`` for ``cnn``, else ``{}``.
+
+    ``vocabulary`` (language-model runs only, ``data.dataset: corpus``): ``corpus`` cuts the student's
+    embedding and head to the token ids of the train split plus one "other" entry (spec §6),
+    ``full`` keeps the teacher's whole vocabulary; null elsewhere."""
 
     default_args: ClassVar[dict[str, dict[str, Any]]] = {"cnn": {"channels": [8, 16, 32]}}
+    vocabulary: Literal["corpus", "full"] | None = None
 
 
 TEXT_DATASETS = ("rotten-tomatoes", "text")
+CORPUS = "corpus"  # data.dataset of a language-model run (kdistill.lm_run)
+# The built-in causal-LM teacher's name (kdistill.hf.SMOLLM2; not imported: hf needs transformers).
+LM_TEACHERS = ("smollm2-135m", "hf")
+LM_TEACHER_ARGS = ("path", "task", "gguf_file")  # the args of an `hf` causal-LM teacher
+SHRINK_ARGS = ("every", "layers", "path")
+
+# Defaults that differ for a language-model run (data.dataset: corpus), filled in for the keys a
+# config leaves out: a batch is a few blocks of block_size tokens (evaluation logits are
+# blocks × tokens × vocabulary floats), the teacher is pretrained (never trained, so no mixup),
+# and the teacher cache keeps the top-k of each token's next-token distribution (a full one
+# would take vocabulary × 2 bytes per token: 98 kB for SmolLM2's 49,152 ids).
+LM_DEFAULTS: dict[str, dict[str, Any]] = {
+    "teacher": {"mixup": 0.0},
+    "student": {"vocabulary": "corpus"},
+    "data": {
+        "augment": "none",
+        "augment_views": None,
+        "validation_fraction": 0.05,
+        "test_fraction": 0.05,
+        "batch_size": 4,
+        "eval_batch_size": 8,
+    },
+    "distill": {"temperature": 1.0, "cache_storage": "topk", "cache_topk": 64},
+}
 
 
 @dataclass(frozen=True)
@@ -138,6 +167,9 @@ class DataConfig:
     batch_size: int = 128
     eval_batch_size: int = 1000
     workers: int = 0
+    block_size: int = 128
+    train_tokens: int | None = None
+    eval_tokens: int | None = None
 
     def __post_init__(self) -> None:
         _require(0 < self.test_fraction < 1, "test_fraction", "must be between 0 and 1", self.test_fraction)
@@ -157,10 +189,27 @@ class DataConfig:
         if self.image_size is not None:
             ok = len(self.image_size) == 2 and all(1 <= size <= MAX_IMAGE_SIDE for size in self.image_size)
             _require(ok, "image_size", f"must be [height, width], each from 1 to {MAX_IMAGE_SIDE:,}", self.image_size)
-        if self.dataset in ("folder", "npz", "text") and not self.path:
+        if self.dataset in ("folder", "npz", "text", CORPUS) and not self.path:
             raise ConfigError(f"data.path: dataset {self.dataset!r} needs a path")
         _require_range("max_length", self.max_length, 2, MAX_COUNT)
         _require_range("train_samples", self.train_samples, 1, SAMPLE_LIMIT, high_open=True)
+        # Two tokens at least: a block of one has no next token to predict.
+        _require_range("block_size", self.block_size, 2, MAX_COUNT)
+        _require_range("train_tokens", self.train_tokens, 1, SAMPLE_LIMIT, high_open=True)
+        _require_range("eval_tokens", self.eval_tokens, 1, SAMPLE_LIMIT, high_open=True)
+        if self.dataset == CORPUS:
+            _require(
+                self.tokenizer is None, "tokenizer", "must be null for corpus (the teacher's is used)", self.tokenizer
+            )
+            _require(
+                self.augment == "none", "augment", "must be none for corpus (shift moves image pixels)", self.augment
+            )
+            _require(
+                self.train_samples is None,
+                "train_samples",
+                "must be null for corpus (use train_tokens)",
+                self.train_samples,
+            )
         if self.is_text:
             if not self.tokenizer:
                 raise ConfigError(f"data.tokenizer: the text dataset {self.dataset!r} needs a tokenizer directory")
@@ -277,9 +326,67 @@ class Config:
         if self.teacher.weights is None:  # the teacher is trained with the train settings, warm-up included
             epochs = self.teacher.epochs
             _require(warmup <= epochs, "train.warmup_epochs", f"must be ≤ teacher.epochs ({epochs})", warmup)
-        if self.data.is_text:
+        if self.data.is_text or self.data.dataset == CORPUS:
             for key, value in (("teacher.mixup", self.teacher.mixup), ("train.mixup", self.train.mixup)):
                 _require(value == 0, key, "must be 0 for text (token ids cannot be mixed)", value)
+        if self.data.dataset == CORPUS:
+            self._check_language_model()
+        elif self.student.vocabulary is not None:
+            raise ConfigError(
+                "student.vocabulary applies to language-model runs (data.dataset: corpus) only, "
+                f"got {self.student.vocabulary!r}"
+            )
+
+    def _check_language_model(self) -> None:
+        """What a language-model run (data.dataset: corpus) needs, checked before anything loads.
+
+        The teacher is a pretrained causal LM that kdistill never trains (``teacher.weights``, if
+        given, is loaded over it); the student is cut from it by ``shrink``; the loss is response
+        and cross-entropy only (a feature cache would hold hidden states for every token)."""
+        teacher, student = self.teacher, self.student
+        _require(
+            teacher.model in LM_TEACHERS,
+            "teacher.model",
+            "must be a pretrained causal LM for corpus (smollm2-135m, or hf with args {path: DIR, task: causal-lm}); "
+            "kdistill never trains a language-model teacher",
+            teacher.model,
+        )
+        args = teacher.args or {}
+        if teacher.model == "hf":
+            unknown = sorted(set(args) - set(LM_TEACHER_ARGS))
+            if unknown:
+                raise ConfigError(
+                    f"unknown key teacher.args.{unknown[0]}{did_you_mean(str(unknown[0]), LM_TEACHER_ARGS)} "
+                    f"(a causal-LM teacher takes {', '.join(LM_TEACHER_ARGS)})"
+                )
+            _require(
+                isinstance(args.get("path"), str),
+                "teacher.args.path",
+                "must name the model directory",
+                args.get("path"),
+            )
+            task = args.get("task", "causal-lm")
+            _require(task == "causal-lm", "teacher.args.task", "must be causal-lm for corpus", task)
+        else:
+            _require(not args, "teacher.args", "must be empty for the built-in smollm2-135m", args)
+        _require(
+            student.model == "shrink",
+            "student.model",
+            "must be shrink for corpus (the student is cut from the teacher's blocks)",
+            student.model,
+        )
+        unknown = sorted(set(student.args or {}) - set(SHRINK_ARGS))
+        if unknown:
+            raise ConfigError(
+                f"unknown key student.args.{unknown[0]}{did_you_mean(str(unknown[0]), SHRINK_ARGS)} "
+                f"(shrink takes {', '.join(SHRINK_ARGS)})"
+            )
+        _require(
+            not self.distill.feature_pairs,
+            "distill.feature_pairs",
+            "must be empty for corpus (response and cross-entropy only)",
+            self.distill.feature_pairs,
+        )
 
 
 def _require(ok: bool, key: str, what: str, value: Any) -> None:
@@ -396,6 +503,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Co
     return from_dict(raw)
 
 
+def with_lm_defaults(raw: Any) -> Any:
+    """``raw`` with :data:`LM_DEFAULTS` filled in for the keys it leaves out, when it is a
+    language-model run (``data.dataset: corpus``); anything else unchanged (and not copied)."""
+    data = raw.get("data") if isinstance(raw, dict) else None
+    if not isinstance(data, dict) or data.get("dataset") != CORPUS:
+        return raw
+    filled = dict(raw)
+    for section, defaults in LM_DEFAULTS.items():
+        given = filled.get(section, {})
+        if isinstance(given, dict):  # a section that is not a mapping is refused by from_dict
+            filled[section] = {**defaults, **given}
+    return filled
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
     """The YAML mapping in ``path``; any problem (missing file, syntax, duplicate keys, depth)
     is one ConfigError naming the file."""
@@ -446,6 +567,8 @@ def apply_override(raw: dict[str, Any], override: str) -> None:
 
 def from_dict(raw: Any, cls: type = Config, prefix: str = "") -> Any:
     """Build dataclass ``cls`` from a mapping, checking every key and type."""
+    if cls is Config:
+        raw = with_lm_defaults(raw)
     if not isinstance(raw, dict):
         where = prefix.rstrip(".") or "the config"
         raise ConfigError(f"{where}: expected a mapping, got {_describe(raw)}")

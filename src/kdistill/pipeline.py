@@ -29,7 +29,7 @@ from kdistill import distributed, faults, losses
 from kdistill.cache import CachedDistillation, TeacherCache, check_space, fingerprint
 from kdistill.calls import call_model, default_logits
 from kdistill.checkpoint import atomic_write, save_weights
-from kdistill.config import Config, PairConfig, differences, dump_config, from_dict, read_yaml, to_dict
+from kdistill.config import CORPUS, Config, PairConfig, differences, dump_config, from_dict, read_yaml, to_dict
 from kdistill.data import Inputs, ShiftViews, Splits, load_data, primary, splits_digest
 from kdistill.distiller import Distiller, FeaturePair
 from kdistill.errors import CheckpointError, ConfigError, KDistillError
@@ -203,7 +203,9 @@ def teacher_cache_key(config: Config, splits: Splits | None = None) -> str:
     if splits is None:
         splits = load_data(config.data)
     identity = {"teacher": to_dict(config.teacher), "data": to_dict(config.data), "train": to_dict(config.train)}
-    for how in ("eval_batch_size", "workers"):  # how the data is read, not what it is
+    # How the data is read, not what it is; and the language-model keys (a corpus run never
+    # trains its teacher), left out so that adding them kept every earlier teacher's key.
+    for how in ("eval_batch_size", "workers", "block_size", "train_tokens", "eval_tokens"):
         identity["data"].pop(how, None)
     identity["data_digest"] = splits_digest(splits)
     for own in ("seed", "epochs", "mixup", "max_steps"):  # the teacher has its own (teacher.seed, .epochs, …)
@@ -413,7 +415,12 @@ def run(config: Config, out: Path, *, resume: bool = False, force: bool = False,
     Everything that can be checked is checked before anything is written or trained: the config,
     the data, both models, the layers and pair shapes, the losses. Rank 0 then holds the run
     directory's lock for the whole run; with ``force``, earlier results are moved aside and
-    deleted only once the new run has written its config (they come back if it fails before)."""
+    deleted only once the new run has written its config (they come back if it fails before).
+    A language-model run (``data.dataset: corpus``) is :func:`kdistill.lm_run.run`."""
+    if config.data.dataset == CORPUS:
+        from kdistill import lm_run
+
+        return lm_run.run(config, out, resume=resume, force=force, log=log)
     place = distributed.world()
     check_out_path(out)
     lock = distributed.on_main(place, RunLock, out)  # one process per run directory

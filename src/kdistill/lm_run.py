@@ -1,0 +1,706 @@
+"""The language-model job (``data.dataset: corpus``): pretrained causal-LM teacher → shrunk student
+with a pruned vocabulary → baseline and distilled training → perplexity report (spec §6).
+
+:func:`kdistill.pipeline.run` hands a corpus config to :func:`run`. A run directory holds::
+
+    config.yaml             the resolved config
+    baseline/               the student trained on cross-entropy alone (when ``baseline``)
+    distill/                the distilled student: checkpoint.pt, student.safetensors, metrics.jsonl,
+                            student.json (what rebuilds the student: teacher, shrink args, kept ids)
+    report.json, report.md
+
+The teacher is never trained: it is the pretrained model the config names. The text is tokenized
+once into a memory-mapped token file (:class:`kdistill.corpus.TokenCorpus`, in the cache directory),
+and the teacher's outputs on the training blocks are computed once into a teacher cache (top-k per
+token by default, coarsened to the student's vocabulary), shared by later runs with the same teacher,
+data and settings. Baseline and distilled student start from the same weights (the teacher's kept
+blocks) and see the same blocks in the same order.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import hashlib
+import json
+import math
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kdistill import faults
+from kdistill.cache import CachedDistillation, TeacherCache, fingerprint
+from kdistill.calls import is_causal_lm
+from kdistill.checkpoint import atomic_write, read_state_dict
+from kdistill.config import CORPUS, Config, dump_config, from_dict, read_yaml, to_dict
+from kdistill.corpus import CorpusBlocks, TokenCorpus
+from kdistill.distiller import Distiller
+from kdistill.errors import CheckpointError, ConfigError, KDistillError
+from kdistill.rundir import RunLock, check_out_path, check_run_dir, move_results_aside
+from kdistill.trainer import Trainer, pick_device
+
+Log = Callable[[str], None]
+
+PROMPTS = ("The movie was", "This film is a", "In the end, the story")  # the report's fixed prompts
+CONTINUATION_TOKENS = 24  # greedy tokens per prompt in the report
+TIMING_ROUNDS = 3  # throughput and latency: median of this many interleaved rounds
+TIMING_BATCHES = 2  # evaluation batches timed per throughput round
+LATENCY_TOKENS = 32  # greedy tokens per latency round
+STUDENT_FILE = "student.json"
+MAX_NEW_TOKENS = 100_000  # kdistill generate: a typo's bound, far beyond any context window
+BYTES = {"float16": 2, "float32": 4}
+
+
+# -- the teacher and the student ---------------------------------------------------------------
+
+
+def teacher_source(config: Config) -> tuple[str, str | None]:
+    """``(path, gguf_file)`` of the config's teacher for :func:`kdistill.hf.load_causal_lm`."""
+    from kdistill.hf import SMOLLM2
+
+    if config.teacher.model == SMOLLM2:
+        return SMOLLM2, None
+    args = config.teacher.args or {}
+    return str(args["path"]), args.get("gguf_file")
+
+
+def load_teacher(config: Config) -> tuple[nn.Module, Any]:
+    """The pretrained teacher (frozen, eval mode) and its tokenizer; ``teacher.weights`` is loaded over it.
+
+    Raises:
+        ConfigError: the directory holds no causal LM (e.g. a classifier) or no tokenizer.
+    """
+    from kdistill.hf import load_causal_lm, load_causal_lm_tokenizer
+
+    path, gguf_file = teacher_source(config)
+    try:
+        teacher = load_causal_lm(path, gguf_file=gguf_file)
+        tokenizer = load_causal_lm_tokenizer(path, gguf_file=gguf_file)
+    except KDistillError:
+        raise
+    except (ValueError, OSError, KeyError, TypeError, AttributeError) as error:  # transformers' refusals
+        first = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"teacher: {path} is not a causal language model with its tokenizer: {first}") from None
+    if not is_causal_lm(teacher):
+        raise ConfigError(f"teacher: {path} holds a {type(teacher).__name__}, not a causal language model")
+    if config.teacher.weights:
+        load_lm_weights(teacher, config.teacher.weights, "teacher")
+    teacher.requires_grad_(False)
+    return teacher.eval(), tokenizer
+
+
+def build_student(teacher: nn.Module, student_args: Mapping[str, Any], kept: list[int] | None) -> nn.Module:
+    """The student before training: the teacher's kept blocks (:func:`kdistill.hf.shrink`), its
+    vocabulary cut to ``kept`` (:class:`~kdistill.vocabulary.PrunedVocabulary`) unless None."""
+    from kdistill.pipeline import shrink
+    from kdistill.vocabulary import PrunedVocabulary
+
+    student = shrink(teacher, **student_args).student
+    return PrunedVocabulary(student, kept) if kept is not None else student
+
+
+def aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Keys of ``state`` whose tensor is an earlier key's (tied weights: embedding and head) → that key."""
+    first: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    out = {}
+    for key, tensor in state.items():
+        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if identity in first:
+            out[key] = first[identity]
+        else:
+            first[identity] = key
+    return out
+
+
+def unaliased(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with each tied tensor kept once (safetensors refuses tensors that share memory)."""
+    tied = aliases(state)
+    return {key: tensor for key, tensor in state.items() if key not in tied}
+
+
+class Unaliased(nn.Module):
+    """The trainer's evaluation model for a student with tied weights: the student itself, but its
+    ``state_dict`` keeps each tied tensor once, so the trainer can write it as safetensors."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
+        return unaliased(self.model.state_dict())
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+
+def load_lm_weights(model: nn.Module, path: str | Path, role: str) -> None:
+    """Load safetensors written from :func:`unaliased` (or a full state dict) into ``model``.
+
+    Raises:
+        CheckpointError: keys missing (other than tied ones), unexpected, or of other shapes.
+    """
+    state = read_state_dict(path)
+    own = model.state_dict()
+    for key, source in aliases(own).items():  # tied: the file holds the tensor once
+        if key not in state and source in state:
+            state[key] = state[source]
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or mismatched:
+        problem = (
+            f"missing {missing[0]}"
+            if missing
+            else f"unexpected {unexpected[0]}"
+            if unexpected
+            else f"{mismatched[0]} has shape {tuple(state[mismatched[0]].shape)}, not {tuple(own[mismatched[0]].shape)}"
+        )
+        raise CheckpointError(f"{role} weights {path} do not fit the {role} ({problem})")
+    model.load_state_dict(state)
+
+
+def size_mb(model: nn.Module) -> float:
+    """Bytes of the model's state dict with tied tensors counted once, in MB (10⁶ bytes)."""
+    return sum(t.numel() * t.element_size() for t in unaliased(model.state_dict()).values()) / 1e6
+
+
+def parameter_count(model: nn.Module) -> int:
+    """Parameters, tied ones once (``nn.Module.parameters`` already yields each once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# -- data -----------------------------------------------------------------------------------------
+
+
+def first_blocks(split: CorpusBlocks, tokens: int | None) -> CorpusBlocks:
+    """The first ``tokens`` tokens of a split in whole blocks (at least one when the split has any),
+    a view of its memory map; the whole split when ``tokens`` is None."""
+    if tokens is None:
+        return split
+    return CorpusBlocks(split.blocks[: max(1, tokens // split.block_size)], split.name)
+
+
+def corpus_directory(config: Config, tokenizer_id: str) -> Path:
+    """Where the run's token corpus is built (and reused by later runs with the same text and settings)."""
+    from kdistill.pipeline import cache_root
+
+    d = config.data
+    source = d.path if not Path(d.path).exists() else str(Path(d.path).resolve())
+    identity = [source, tokenizer_id, d.block_size, d.validation_fraction, d.test_fraction]
+    return cache_root(config) / "corpora" / hashlib.sha256(json.dumps(identity).encode()).hexdigest()[:16]
+
+
+def kept_digest(kept: list[int] | None) -> str:
+    """Names a pruned vocabulary (the teacher cache's ``coarsen_id`` joins it with τ)."""
+    return hashlib.sha256(json.dumps(kept).encode()).hexdigest()[:20]
+
+
+@dataclass
+class Prepared:
+    """A language-model run's checked ingredients."""
+
+    config: Config
+    teacher: nn.Module
+    tokenizer: Any
+    corpus: TokenCorpus
+    train: CorpusBlocks
+    validation: CorpusBlocks
+    test: CorpusBlocks
+    kept: list[int] | None  # the student's token ids; None: the full vocabulary
+    student: nn.Module  # initial weights, shared by baseline and distilled student
+
+
+def prepare(config: Config, log: Log) -> Prepared:
+    """Load the teacher and tokenizer, tokenize the corpus, build the student and try one batch
+    through the loss — before anything is written to the run directory."""
+    from kdistill.pipeline import check_cache_settings
+
+    check_cache_settings(config)  # loss names; top-k storage with a loss it cannot serve
+    pick_device(config.train.device)
+    teacher, tokenizer = load_teacher(config)
+    from kdistill.corpus import tokenizer_digest
+
+    d = config.data
+    corpus = TokenCorpus.build(
+        d.path,
+        tokenizer,
+        corpus_directory(config, tokenizer_digest(tokenizer)),
+        block_size=d.block_size,
+        validation_fraction=d.validation_fraction,
+        test_fraction=d.test_fraction,
+    )
+    if len(corpus.split("train")) == 0 or len(corpus.split("test")) == 0:
+        raise ConfigError(
+            f"data.path: {d.path} gives {corpus.tokens('train')} train and {corpus.tokens('test')} test tokens, "
+            f"too few for one block of data.block_size {d.block_size} in each; use more text or a smaller block_size"
+        )
+    # The whole train split gives the kept ids; training reads its first train_tokens (the budget).
+    train = first_blocks(corpus.split("train"), d.train_tokens)
+    validation = first_blocks(corpus.split("validation"), d.eval_tokens)
+    test = first_blocks(corpus.split("test"), d.eval_tokens)
+    # V is the model's: a tokenizer may name fewer ids than the embedding has rows.
+    vocab_size = teacher.get_output_embeddings().out_features
+    kept = corpus.vocabulary("train") if config.student.vocabulary == "corpus" else None
+    if kept is not None and len(kept) >= vocab_size:
+        kept = None  # every id occurs: nothing to prune
+    student = build_student(teacher, config.student.args or {}, kept)
+    if config.student.weights:
+        load_lm_weights(student, config.student.weights, "student")
+    log(
+        f"data: {d.path}: {corpus.tokens('train'):,} train tokens ({len(train) * d.block_size:,} trained on), "
+        f"{len(validation) * d.block_size:,} validation and {len(test) * d.block_size:,} test tokens scored; "
+        f"student: {parameter_count(student):,} parameters, "
+        + (f"{len(kept):,} of {vocab_size:,} token ids kept" if kept else "the full vocabulary")
+    )
+    check_batch(config, teacher, student, train)
+    return Prepared(config, teacher, tokenizer, corpus, train, validation, test, kept, student)
+
+
+def make_distiller(config: Config, teacher: nn.Module, student: nn.Module, alpha: float | None = None) -> Distiller:
+    d = config.distill
+    return Distiller(
+        teacher,
+        student,
+        alpha=d.alpha if alpha is None else alpha,
+        beta=d.beta,
+        temperature=d.temperature,
+        temperature_squared=d.temperature_squared,
+        response_loss=d.response_loss,
+        teacher_dtype={"float32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[d.teacher_precision],
+        causal_lm=True,
+    )
+
+
+def check_batch(config: Config, teacher: nn.Module, student: nn.Module, train: CorpusBlocks) -> None:
+    """One training batch through the live distiller (no gradient): a loss or model that cannot run
+    fails here, before anything is written. Leaves the models and the RNG as they were."""
+    state = torch.get_rng_state()
+    was_training = student.training
+    inputs, labels = train.take(torch.arange(min(2, len(train))))
+    try:
+        with make_distiller(config, teacher, student) as distiller, torch.no_grad():
+            distiller.eval()
+            distiller(inputs, labels)
+    except (RuntimeError, IndexError, TypeError, ValueError) as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"distillation cannot run on a sample batch: {first}") from None
+    finally:
+        torch.set_rng_state(state)
+        teacher.requires_grad_(False)
+        teacher.eval()
+        student.train(was_training)
+
+
+# -- the run ----------------------------------------------------------------------------------------
+
+
+def run(config: Config, out: Path, *, resume: bool = False, force: bool = False, log: Log = print) -> dict[str, Any]:
+    """The whole language-model job; returns the report (see the module docstring for what it writes).
+
+    The run directory's life cycle is :func:`kdistill.pipeline.run`'s: one process per directory
+    (its lock), earlier results refused unless ``resume`` or ``force``, everything checked before
+    the config is written, results replaced by ``force`` deleted only once the new run has started.
+    A finished run resumed returns its stored report and writes nothing."""
+    from kdistill.pipeline import saved_config
+
+    if config.data.dataset != CORPUS:
+        raise ConfigError(f"lm_run: data.dataset must be corpus, got {config.data.dataset!r}")
+    out = Path(out)
+    check_out_path(out)
+    lock = RunLock(out)
+    try:
+        check_run_dir(out, resume, force)
+        if resume:
+            config = saved_config(config, out)
+            if (out / "report.json").exists() and (out / "distill" / "done.json").exists():
+                log("report: the run had finished; its report is unchanged")
+                return json.loads((out / "report.json").read_text())
+        prepared = prepare(config, log)
+        replaced = move_results_aside(out) if force and not resume else None
+        try:
+            if not resume:
+                atomic_write(out / "config.yaml", lambda path: Path(path).write_text(dump_config(prepared.config)))
+                write_student_file(out, prepared)
+        except BaseException:
+            if replaced is not None:
+                replaced.restore()
+            raise
+        if replaced is not None:
+            replaced.discard()  # the new run is underway
+        return train_all(prepared, out, resume, log)
+    finally:
+        lock.release()
+
+
+def write_student_file(out: Path, prepared: Prepared) -> None:
+    """``distill/student.json``: what :func:`load_run_model` needs to rebuild the student."""
+    config = prepared.config
+    facts = {
+        "teacher": to_dict(config.teacher),
+        "shrink": dict(config.student.args or {}),
+        "vocabulary": config.student.vocabulary,
+        "kept": prepared.kept,
+        "kept_digest": kept_digest(prepared.kept),
+    }
+    (out / "distill").mkdir(parents=True, exist_ok=True)
+    text = json.dumps(facts) + "\n"
+    atomic_write(out / "distill" / STUDENT_FILE, lambda path: Path(path).write_text(text))
+
+
+def teacher_cache(prepared: Prepared, log: Log) -> TeacherCache | None:
+    """The teacher's outputs on the training blocks, coarsened to the student's vocabulary, computed
+    once and reused (``distill.teacher_cache``: ``auto``, a directory, or ``off`` for a live teacher)."""
+    from kdistill.pipeline import cache_root
+
+    config, d = prepared.config, prepared.config.distill
+    if d.teacher_cache == "off":
+        log("teacher cache: off (distill.teacher_cache); the teacher runs at every step")
+        return None
+    student, kept = prepared.student, prepared.kept
+    coarsen = (lambda logits: student.coarsen(logits, d.temperature)) if kept is not None else None
+    coarsen_id = f"{kept_digest(kept)}-t{d.temperature}" if kept is not None else None
+    width = len(kept) + 1 if kept is not None else prepared.teacher.get_output_embeddings().out_features
+    topk = (d.cache_topk, d.temperature) if d.cache_storage == "topk" else (None, None)
+    if d.cache_storage != "topk":
+        log(
+            f"teacher cache: {d.cache_storage} storage keeps all {width:,} entries of every token's distribution "
+            f"({width * BYTES[d.cache_storage]:,} bytes per token); cache_storage: topk keeps {d.cache_topk}"
+        )
+    expected = fingerprint(prepared.teacher, prepared.train, None, [], d.cache_storage, *topk, coarsen_id)
+    if d.teacher_cache == "auto":
+        key = hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:16]
+        directory = cache_root(config) / "teacher-outputs" / key
+    else:
+        directory = Path(d.teacher_cache)
+    if (directory / "meta.json").exists():
+        try:
+            cache = TeacherCache.open(directory, expected)
+            log(f"teacher cache: reusing {directory}")
+            return cache
+        except KDistillError as error:
+            if d.teacher_cache != "auto":  # a directory the config names: refused, never overwritten
+                raise
+            log(f"teacher cache: {error}; rebuilding it")
+    started = time.perf_counter()
+    cache = TeacherCache.build(
+        directory,
+        prepared.teacher,
+        prepared.train,
+        storage=d.cache_storage,
+        topk=topk[0],
+        temperature=topk[1],
+        batch_size=config.data.eval_batch_size,
+        device=pick_device(config.train.device),
+        expected=expected,
+        coarsen=coarsen,
+        coarsen_id=coarsen_id,
+    )
+    log(
+        f"teacher cache: built {directory} ({cache.bytes_per_token:,.0f} bytes per token, "
+        f"{time.perf_counter() - started:.1f} s)"
+    )
+    return cache
+
+
+def train_phase(
+    name: str,
+    task: nn.Module,
+    parameters: Any,
+    student: nn.Module,
+    prepared: Prepared,
+    out: Path,
+    resume: bool,
+    log: Log,
+) -> None:
+    """Train one phase in ``out/name``; a finished one (``done.json``) is loaded, not repeated."""
+    config = prepared.config
+    directory = out / name
+    done = directory / "done.json"
+    if resume and done.exists():
+        load_lm_weights(student, directory / "student.safetensors", name)
+        log(f"{name}: already finished, loaded its weights")
+        return
+    trainer = Trainer(
+        task,
+        parameters,
+        prepared.train,
+        config.train,
+        batch_size=config.data.batch_size,
+        workers=config.data.workers,
+        eval_batch_size=config.data.eval_batch_size,
+        eval_model=Unaliased(student),
+        select_on=None,  # no per-epoch evaluation: perplexity is measured once, for the report
+        run_dir=directory,
+        log=log,
+        description=name,
+        weights_name="student",
+    )
+    result = trainer.fit(resume=resume and (directory / "checkpoint.pt").exists())
+    if result.interrupted:
+        raise KeyboardInterrupt
+    faults.reached("finish")
+    text = json.dumps(dataclasses.asdict(result), indent=2) + "\n"
+    atomic_write(done, lambda path: Path(path).write_text(text))
+    student.to("cpu")
+
+
+def train_all(prepared: Prepared, out: Path, resume: bool, log: Log) -> dict[str, Any]:
+    """Baseline (cross-entropy alone, when ``baseline``), distilled student, report."""
+    config, teacher, student = prepared.config, prepared.teacher, prepared.student
+    models: dict[str, nn.Module] = {"teacher": teacher}
+    initial = copy.deepcopy(student.state_dict())  # baseline and distilled student start alike
+    cache = teacher_cache(prepared, log)
+
+    def task(distiller: Distiller) -> nn.Module:
+        return CachedDistillation(distiller, cache) if cache is not None else distiller
+
+    if config.baseline:
+        baseline = copy.deepcopy(student)
+        # α = 0: the loss is the student's cross-entropy alone, computed exactly as the distilled
+        # student's; the (weightless) response term reads the cache rather than running the teacher.
+        with make_distiller(config, teacher, baseline, alpha=0.0) as distiller:
+            parameters = distiller.trainable_parameters()
+            train_phase("baseline", task(distiller), parameters, baseline, prepared, out, resume, log)
+        models["baseline"] = baseline
+    student.load_state_dict(initial)
+    with make_distiller(config, teacher, student) as distiller:
+        parameters = distiller.trainable_parameters()
+        train_phase("distill", task(distiller), parameters, student, prepared, out, resume, log)
+    models["student"] = student
+    faults.reached("report")
+    log("report: measuring perplexity, agreement, size, single-thread speed and greedy latency …")
+    report = measure(models, prepared, cache)
+    write_report(out, report)
+    return report
+
+
+# -- the report -------------------------------------------------------------------------------------
+
+
+def timed(models: Mapping[str, nn.Module], tokenizer: Any, data: CorpusBlocks, batch_size: int) -> dict[str, Any]:
+    """Throughput (tokens/s at ``batch_size`` blocks) and batch-1 greedy latency (ms/token), each the
+    median of :data:`TIMING_ROUNDS` rounds, one thread, the models interleaved round by round so that
+    machine noise hits them alike."""
+    from kdistill.lm_eval import greedy_generate, tokens_per_second
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    speed: dict[str, list[float]] = {name: [] for name in models}
+    latency: dict[str, list[float]] = {name: [] for name in models}
+    try:
+        for _ in range(TIMING_ROUNDS):
+            for name, model in models.items():
+                speed[name].append(tokens_per_second(model, data, batch_size=batch_size, batches=TIMING_BATCHES))
+                latency[name].append(greedy_generate(model, tokenizer, PROMPTS[0], LATENCY_TOKENS)[1])
+    finally:
+        torch.set_num_threads(threads)
+    return {
+        name: {"tokens_per_s": statistics.median(speed[name]), "latency_ms_per_token": statistics.median(latency[name])}
+        for name in models
+    }
+
+
+def log_gap_closed(teacher: float, baseline: float, student: float) -> float | None:
+    """Share of the teacher–baseline log-perplexity gap that distillation closed:
+    ``(log b − log s) / (log b − log t)``; None when the baseline is already as good as the teacher."""
+    gap = math.log(baseline) - math.log(teacher)
+    return (math.log(baseline) - math.log(student)) / gap if gap > 0 else None
+
+
+def measure(models: Mapping[str, nn.Module], prepared: Prepared, cache: TeacherCache | None) -> dict[str, Any]:
+    """``report.json``'s content (spec §6): per model test and validation perplexity, agreement with
+    the teacher (not for the teacher), params, size, speed; ratios; corpus and cache facts; greedy
+    continuations of :data:`PROMPTS`."""
+    from kdistill.lm_eval import agreement, greedy_generate, perplexity
+
+    config, teacher = prepared.config, models["teacher"]
+    batch = config.data.eval_batch_size
+    speed = timed(models, prepared.tokenizer, prepared.test, batch)
+    report: dict[str, Any] = {"kind": "language-model"}
+    for name, model in models.items():
+        row = {
+            "perplexity": perplexity(model, prepared.test, batch_size=batch),
+            "validation_perplexity": (
+                perplexity(model, prepared.validation, batch_size=batch) if len(prepared.validation) else None
+            ),
+            "params": parameter_count(model),
+            "size_mb": size_mb(model),
+            **speed[name],
+        }
+        if name != "teacher":
+            row["agreement"] = agreement(model, teacher, prepared.test, batch_size=batch)
+        report[name] = row
+    t, s = report["teacher"], report["student"]
+    report["ratios"] = {
+        "params": t["params"] / s["params"],
+        "size": t["size_mb"] / s["size_mb"],
+        "speed": s["tokens_per_s"] / t["tokens_per_s"],
+        "latency": t["latency_ms_per_token"] / s["latency_ms_per_token"],
+    }
+    if "baseline" in report:
+        report["ratios"]["gap_closed"] = log_gap_closed(
+            t["perplexity"], report["baseline"]["perplexity"], s["perplexity"]
+        )
+    kept = prepared.kept
+    vocab_size = teacher.get_output_embeddings().out_features
+    test_ids = prepared.test.take(torch.arange(len(prepared.test)))[1]
+    report["corpus"] = {
+        "path": config.data.path,
+        "block_size": config.data.block_size,
+        "train_split_tokens": prepared.corpus.tokens("train"),
+        "train_tokens": len(prepared.train) * config.data.block_size,
+        "validation_tokens_scored": len(prepared.validation) * config.data.block_size,
+        "test_tokens_scored": len(prepared.test) * config.data.block_size,
+        "vocabulary": vocab_size,
+        "kept_ids": len(kept) if kept is not None else vocab_size,
+        "test_tokens_outside_kept": (
+            float(1 - torch.isin(test_ids, torch.tensor(kept)).float().mean()) if kept is not None else 0.0
+        ),
+    }
+    if cache is not None:
+        report["cache"] = {
+            "storage": config.distill.cache_storage,
+            "bytes_per_token": cache.bytes_per_token,
+            "truncation_kl_mean": cache.truncation_kl_mean,
+            "truncation_kl_max": cache.truncation_kl_max,
+        }
+    report["continuations"] = {
+        prompt: {
+            name: greedy_generate(model, prepared.tokenizer, prompt, CONTINUATION_TOKENS)[0]
+            for name, model in models.items()
+        }
+        for prompt in PROMPTS
+    }
+    return report
+
+
+def _number(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def markdown(report: Mapping[str, Any], title: str = "kdistill language-model report") -> str:
+    """``report.md``: the §6 table, the ratios, and the greedy continuations side by side."""
+    names = [name for name in ("teacher", "baseline", "student") if name in report]
+    lines = [
+        f"# {title}",
+        "",
+        "| model | test perplexity | validation perplexity | top-1 agreement with teacher | params | size (MB) "
+        "| tokens/s (1 thread) | greedy ms/token |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name in names:
+        row = report[name]
+        agree = "—" if "agreement" not in row else f"{100 * row['agreement']:.1f} %"
+        lines.append(
+            f"| {name} | {row['perplexity']:.2f} | {_number(row['validation_perplexity'], '.2f')} | {agree} "
+            f"| {row['params']:,} | {row['size_mb']:.4g} | {row['tokens_per_s']:,.0f} "
+            f"| {row['latency_ms_per_token']:.1f} |"
+        )
+    ratios = report["ratios"]
+    closed = ratios.get("gap_closed")
+    lines += [
+        "",
+        f"Teacher/student: {ratios['params']:.2f}× the parameters, {ratios['size']:.2f}× the size; the student is "
+        f"{ratios['speed']:.2f}× the teacher's throughput and {ratios['latency']:.2f}× faster per generated token.",
+    ]
+    if "gap_closed" in ratios:
+        lines.append(
+            "Distillation closed "
+            + ("— (the baseline is as good as the teacher)" if closed is None else f"{100 * closed:.0f} %")
+            + " of the teacher–baseline log-perplexity gap."
+        )
+    corpus = report["corpus"]
+    lines += [
+        "",
+        f"Corpus: {corpus['train_tokens']:,} training tokens (of {corpus['train_split_tokens']:,} in the train split); "
+        f"{corpus['kept_ids']:,} of {corpus['vocabulary']:,} ids kept; "
+        f"{100 * corpus['test_tokens_outside_kept']:.2f} % of test tokens fall outside them.",
+    ]
+    if "cache" in report and report["cache"]["truncation_kl_mean"] is not None:
+        cache = report["cache"]
+        lines.append(
+            f"Teacher cache: {cache['bytes_per_token']:,.0f} bytes/token, truncation KL mean "
+            f"{cache['truncation_kl_mean']:.2e}, max {cache['truncation_kl_max']:.2e} nats."
+        )
+    lines += [
+        "",
+        "Greedy continuations:",
+        "",
+        "| prompt | " + " | ".join(names) + " |",
+        "|---" * (len(names) + 1) + "|",
+    ]
+    for prompt, outputs in report["continuations"].items():
+        cells = [text.replace("|", "\\|").replace("\n", " ") for text in (outputs[name] for name in names)]
+        lines.append(f"| {prompt} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(out: Path, report: dict[str, Any]) -> None:
+    text = json.dumps(report, indent=2) + "\n"
+    atomic_write(out / "report.json", lambda path: Path(path).write_text(text))
+    table = markdown(report)
+    atomic_write(out / "report.md", lambda path: Path(path).write_text(table))
+
+
+# -- generation from a finished run ------------------------------------------------------------------
+
+
+MODELS = ("student", "baseline", "teacher")
+
+
+def load_run_model(run_dir: str | Path, which: str = "student") -> tuple[nn.Module, Any]:
+    """The ``student``, ``baseline`` or ``teacher`` of a language-model run, and the tokenizer.
+
+    Raises:
+        KDistillError: not a run directory, not a language-model run, or that model's phase unfinished.
+    """
+    run_dir = Path(run_dir)
+    if which not in MODELS:
+        raise ConfigError(f"--model must be one of {', '.join(MODELS)}, got {which!r}")
+    if not (run_dir / "config.yaml").is_file():
+        raise KDistillError(f"{run_dir} is not a kdistill run directory (no config.yaml)")
+    config = from_dict(read_yaml(run_dir / "config.yaml"))
+    if config.data.dataset != CORPUS:
+        raise KDistillError(f"{run_dir} is not a language-model run (data.dataset is {config.data.dataset!r})")
+    teacher, tokenizer = load_teacher(config)
+    if which == "teacher":
+        return teacher, tokenizer
+    phase = "distill" if which == "student" else "baseline"
+    if not (run_dir / phase / "done.json").exists():
+        raise KDistillError(
+            f"{run_dir}: the {which} is not trained yet ({phase}/done.json is missing); finish the run with "
+            f"`kdistill train ... --out {run_dir} --resume`"
+        )
+    try:
+        facts = json.loads((run_dir / "distill" / STUDENT_FILE).read_text())
+        kept = facts["kept"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{run_dir / 'distill' / STUDENT_FILE} is missing or damaged ({error})") from None
+    if kept_digest(kept) != facts.get("kept_digest"):
+        raise CheckpointError(
+            f"{run_dir / 'distill' / STUDENT_FILE} is damaged (its kept ids do not match their digest)"
+        )
+    student = build_student(teacher, facts["shrink"], kept)
+    load_lm_weights(student, run_dir / phase / "student.safetensors", which)
+    return student.eval(), tokenizer
+
+
+def generate(run_dir: str | Path, prompt: str, *, max_new_tokens: int = 40, model: str = "student") -> str:
+    """The greedy continuation of ``prompt`` by a run's ``model`` (batch 1, KV cache)."""
+    from kdistill.lm_eval import greedy_generate
+
+    if not 1 <= max_new_tokens <= MAX_NEW_TOKENS:
+        raise ConfigError(f"--max-new-tokens must be from 1 to {MAX_NEW_TOKENS:,}, got {max_new_tokens}")
+    if not prompt.strip():
+        raise ConfigError("--prompt must not be empty")
+    loaded, tokenizer = load_run_model(run_dir, model)
+    return greedy_generate(loaded, tokenizer, prompt, max_new_tokens)[0]
+
+
+__all__ = ["generate", "load_run_model", "markdown", "measure", "prepare", "run"]

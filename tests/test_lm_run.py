@@ -1,0 +1,352 @@
+"""Language-model runs (``data.dataset: corpus``) end to end: config, ``kdistill train``, the report,
+``--resume``, ``kdistill generate`` and ``kdistill inspect`` — on a tiny random Llama teacher saved
+with ``save_pretrained``, a word-level tokenizer built offline, and a small text file (seconds)."""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+transformers = pytest.importorskip("transformers")
+
+from kdistill import lm_run  # noqa: E402
+from kdistill.cli import main  # noqa: E402
+from kdistill.config import ConfigError, dump_config, from_dict, load_config, read_yaml  # noqa: E402
+from tests.test_corpus import word_tokenizer  # noqa: E402
+
+WORDS = [f"w{i}" for i in range(40)]
+LM_FIELDS = ("perplexity", "validation_perplexity", "params", "size_mb", "tokens_per_s", "latency_ms_per_token")
+
+
+def tiny_llama() -> torch.nn.Module:
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=4,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
+def trained_llama(tokenizer, documents: list[str]) -> torch.nn.Module:
+    """The tiny teacher after 150 Adam steps on the documents: far better than its students start."""
+    model = tiny_llama()
+    stream = torch.tensor([i for d in documents for i in tokenizer(d)["input_ids"] + [tokenizer.eos_token_id]])
+    blocks = stream[: len(stream) // 16 * 16].view(-1, 16)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        batch = blocks[torch.randint(len(blocks), (8,), generator=generator)]
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def lm_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A tiny teacher directory (model + tokenizer), a text file and a config file using them."""
+    root = tmp_path_factory.mktemp("lm")
+    rng = random.Random(0)
+    # Text with structure a model can learn: each word is mostly followed by the next one.
+    documents = [" ".join(WORDS[(start + i) % len(WORDS)] for i in range(rng.randint(5, 30))) for start in range(60)]
+    documents = [" ".join(w if rng.random() < 0.9 else rng.choice(WORDS) for w in d.split()) for d in documents]
+    text = root / "text.txt"
+    text.write_text("\n\n".join(documents))
+    tokenizer = word_tokenizer(WORDS)
+    teacher = root / "teacher"
+    trained_llama(tokenizer, documents).save_pretrained(teacher)
+    tokenizer.save_pretrained(teacher)
+    # Not a causal LM: DistilBERT has no causal-LM head in transformers.
+    classifier = root / "classifier"
+    bert = transformers.DistilBertConfig(vocab_size=64, dim=16, hidden_dim=32, n_layers=2, n_heads=2)
+    transformers.DistilBertForSequenceClassification(bert).save_pretrained(classifier)
+    tokenizer.save_pretrained(classifier)
+    config = {
+        "teacher": {"model": "hf", "args": {"path": str(teacher), "task": "causal-lm"}},
+        "student": {"model": "shrink", "args": {"every": 2}, "vocabulary": "corpus"},
+        "data": {
+            "dataset": "corpus",
+            "path": str(text),
+            "block_size": 16,
+            "validation_fraction": 0.2,
+            "test_fraction": 0.2,
+            "batch_size": 4,
+        },
+        "distill": {"cache_topk": 8},
+        "train": {"epochs": 1, "lr": 5e-3, "device": "cpu", "amp": "off"},
+    }
+    path = root / "lm.yaml"
+    path.write_text("# kdistill train lm.yaml\n" + yaml.safe_dump(config))
+    return {"root": root, "teacher": teacher, "classifier": classifier, "text": text, "config": path}
+
+
+@pytest.fixture(scope="module")
+def finished(lm_files: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One whole run through ``kdistill train``, shared by the tests that read its results."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    cache = tmp_path_factory.mktemp("cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("KDISTILL_CACHE", str(cache))
+        assert main(["train", str(lm_files["config"]), "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_a_whole_run_writes_the_language_model_report(finished: Path) -> None:
+    report = json.loads((finished / "report.json").read_text())
+    assert report["kind"] == "language-model"
+    for name in ("teacher", "baseline", "student"):
+        row = report[name]
+        for field in LM_FIELDS:
+            assert math.isfinite(row[field]) and row[field] > 0, (name, field, row[field])
+        assert row["perplexity"] >= 1
+        if name == "teacher":
+            assert "agreement" not in row
+        else:
+            assert 0 <= row["agreement"] <= 1
+    assert report["student"]["params"] < report["teacher"]["params"]  # 2 of 4 blocks, 41 + 1 of 64 ids
+    assert report["baseline"]["params"] == report["student"]["params"]
+    ratios = report["ratios"]
+    # The trained teacher beats the baseline, so the gap is defined (its value depends on the run).
+    assert report["teacher"]["perplexity"] < report["baseline"]["perplexity"]
+    assert math.isfinite(ratios["gap_closed"])
+    assert ratios["gap_closed"] == pytest.approx(
+        math.log(report["baseline"]["perplexity"] / report["student"]["perplexity"])
+        / math.log(report["baseline"]["perplexity"] / report["teacher"]["perplexity"])
+    )
+    assert ratios["params"] == pytest.approx(report["teacher"]["params"] / report["student"]["params"])
+    assert ratios["latency"] == pytest.approx(
+        report["teacher"]["latency_ms_per_token"] / report["student"]["latency_ms_per_token"]
+    )
+    assert report["corpus"]["kept_ids"] < report["corpus"]["vocabulary"]
+    assert report["cache"]["storage"] == "topk"  # the LM default
+    assert set(report["continuations"]) == set(lm_run.PROMPTS)
+    text = (finished / "report.md").read_text()
+    assert "| student |" in text and "Greedy continuations" in text
+    for phase in ("baseline", "distill"):
+        assert (finished / phase / "done.json").exists()
+        assert (finished / phase / "student.safetensors").exists()
+
+
+def test_the_report_perplexity_is_the_saved_students(finished: Path) -> None:
+    """The student rebuilt from the run directory (shrink + kept ids + safetensors) is the one measured."""
+    from kdistill.corpus import TokenCorpus
+    from kdistill.lm_eval import perplexity
+
+    config = from_dict(read_yaml(finished / "config.yaml"))
+    student, tokenizer = lm_run.load_run_model(finished, "student")
+    corpus = TokenCorpus.build(
+        config.data.path,
+        tokenizer,
+        finished.parent / "corpus-check",
+        block_size=config.data.block_size,
+        validation_fraction=config.data.validation_fraction,
+        test_fraction=config.data.test_fraction,
+    )
+    report = json.loads((finished / "report.json").read_text())
+    value = perplexity(student, corpus.split("test"), batch_size=8)
+    # float32 forward passes on the same blocks: equal to float32 rounding.
+    assert value == pytest.approx(report["student"]["perplexity"], rel=1e-5)
+
+
+def test_config_yaml_round_trips(finished: Path, lm_files: dict[str, Path]) -> None:
+    saved = read_yaml(finished / "config.yaml")
+    config = from_dict(saved)
+    assert from_dict(yaml.safe_load(dump_config(config))) == config
+    given = load_config(lm_files["config"])
+    assert config.teacher == given.teacher and config.student == given.student and config.data == given.data
+    assert config.distill.cache_storage == "topk" and config.distill.temperature == 1.0  # LM defaults, resolved
+
+
+def test_resume_of_a_finished_run_returns_the_stored_report(finished: Path, lm_files: dict[str, Path]) -> None:
+    def files() -> dict[Path, int]:  # the lock file aside: taking the lock is not writing a result
+        return {p: p.stat().st_mtime_ns for p in finished.rglob("*") if p.is_file() and p.name != ".kdistill.lock"}
+
+    before = files()
+    stored = json.loads((finished / "report.json").read_text())
+    config = load_config(lm_files["config"])
+    lines: list[str] = []
+    assert lm_run.run(config, finished, resume=True, log=lines.append) == stored
+    assert any("finished" in line for line in lines)
+    assert main(["train", str(lm_files["config"]), "--out", str(finished), "--resume", "--quiet"]) == 0
+    assert files() == before
+
+
+def test_a_run_refuses_to_clobber_a_finished_one(
+    finished: Path, lm_files: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    assert main(["train", str(lm_files["config"]), "--out", str(finished), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds results" in err and len(err.strip().splitlines()) == 1
+
+
+def test_generate_prints_the_students_continuation(
+    finished: Path, lm_files: dict[str, Path], capsys: pytest.CaptureFixture
+) -> None:
+    from kdistill.lm_eval import greedy_generate
+
+    prompt = "w1 w2 w3"
+    for which in ("student", "baseline", "teacher"):
+        capsys.readouterr()
+        assert main(["generate", str(finished), "--prompt", prompt, "--max-new-tokens", "6", "--model", which]) == 0
+        printed = capsys.readouterr().out.strip()
+        model, tokenizer = lm_run.load_run_model(finished, which)
+        assert printed == greedy_generate(model, tokenizer, prompt, 6)[0].strip()
+    # The trained student generates words of the corpus (its tokenizer's words), not nothing.
+    capsys.readouterr()
+    assert main(["generate", str(finished), "--prompt", prompt, "--max-new-tokens", "6"]) == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (lambda f, run: ["generate", str(f["root"]), "--prompt", "w1"], "is not a kdistill run directory"),
+        (lambda f, run: ["generate", str(run), "--prompt", "w1", "--max-new-tokens", "0"], "--max-new-tokens"),
+        (lambda f, run: ["generate", str(run), "--prompt", "w1", "--model", "nope"], "invalid choice"),
+    ],
+    ids=["not a run", "no tokens", "unknown model"],
+)
+def test_generate_bad_input_gets_one_line(args, message, lm_files, finished, capsys) -> None:
+    capsys.readouterr()
+    assert main(args(lm_files, finished)) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("kdistill: error:") and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err and "internal error" not in err
+
+
+def test_generate_refuses_an_unfinished_run(lm_files, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text(dump_config(load_config(lm_files["config"])))
+    assert main(["generate", str(out), "--prompt", "w1"]) == 2
+    err = capsys.readouterr().err
+    assert "not trained yet" in err and len(err.strip().splitlines()) == 1, err
+
+
+BAD_CONFIGS = {
+    "unknown shrink argument": (["student.args={every: 2, evry: 1}"], "unknown key student.args.evry"),
+    "unknown vocabulary": (["student.vocabulary=nonsense"], "student.vocabulary must be one of 'corpus', 'full'"),
+    "block of one token": (["data.block_size=1"], "data.block_size must be ≥ 2"),
+    "corpus without path": (["data.path=null"], "data.path: dataset 'corpus' needs a path"),
+    "teacher that is no LM": (["teacher.model=cnn", "teacher.args={}"], "teacher.model must be a pretrained causal LM"),
+    "student that is not shrink": (["student.model=mlp"], "student.model must be shrink"),
+    "feature pairs": (["distill.feature_pairs=auto"], "distill.feature_pairs must be empty"),
+    "top-k cache with reverse KL": (["distill.response_loss=reverse_kl"], "supports the kl response loss only"),
+    "unknown teacher argument": (["teacher.args.dtype=bf16"], "unknown key teacher.args.dtype"),
+    "vocabulary on an image run": (["data.dataset=digits", "student.model=cnn"], "applies to language-model runs"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CONFIGS))
+def test_bad_language_model_configs_get_one_config_error_line(case, lm_files, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("KDISTILL_CACHE", str(tmp_path / "cache"))
+    overrides, message = BAD_CONFIGS[case]
+    sets = [item for override in overrides for item in ("--set", override)]
+    assert main(["train", str(lm_files["config"]), *sets, "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.startswith("kdistill: error:") and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out" / "config.yaml").exists()
+
+
+def test_a_teacher_directory_without_a_causal_lm_is_refused(lm_files, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setenv("KDISTILL_CACHE", str(tmp_path / "cache"))
+    path = lm_files["classifier"]
+    args = ["--set", f"teacher.args={{path: {path}, task: causal-lm}}", "--out", str(tmp_path / "out"), "--quiet"]
+    assert main(["train", str(lm_files["config"]), *args]) == 2
+    err = capsys.readouterr().err
+    assert "is not a causal language model" in err and len(err.strip().splitlines()) == 1, err
+    assert "Traceback" not in err and "internal error" not in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_language_model_keys_do_not_change_a_classification_teachers_cache_key() -> None:
+    from kdistill.pipeline import teacher_cache_key
+
+    plain = load_config(None, ["data.dataset=digits"])
+    other = load_config(None, ["data.dataset=digits", "data.block_size=64", "data.eval_tokens=512"])
+    assert teacher_cache_key(plain) == teacher_cache_key(other)
+
+
+def test_lm_defaults_fill_only_what_a_corpus_config_leaves_out(lm_files) -> None:
+    config = load_config(lm_files["config"], ["distill.cache_storage=float16", "data.batch_size=2"])
+    assert config.distill.cache_storage == "float16" and config.data.batch_size == 2  # given: kept
+    assert config.data.eval_batch_size == 8 and config.data.augment == "none"  # left out: LM defaults
+    image = load_config(None, ["data.dataset=digits"])
+    assert image.distill.cache_storage == "float16" and image.data.augment == "shift"  # not a corpus run
+    with pytest.raises(ConfigError, match=r"data\.tokenizer must be null for corpus"):
+        load_config(lm_files["config"], ["data.tokenizer=x"])
+
+
+def test_inspect_lists_a_causal_lm_and_proposes_pairs(lm_files, capsys) -> None:
+    capsys.readouterr()
+    assert main(["inspect", "--config", str(lm_files["config"])]) == 0
+    out = capsys.readouterr().out
+    assert "teacher: hf" in out and "student: shrink" in out
+    assert "model.layers.1" in out and "model.layers.3" in out
+    assert "- {student: model.layers.0, teacher: model.layers.1}" in out
+    assert "- {student: model.layers.1, teacher: model.layers.3}" in out
+
+
+def kdistill_process(*args: str, cache: Path, **env: str) -> subprocess.CompletedProcess:
+    """The real console entry point in a subprocess, with this process's thread count (same numbers)."""
+    environment = {
+        "KDISTILL_CACHE": str(cache),
+        "PATH": "/usr/bin:/bin",
+        "OMP_NUM_THREADS": str(torch.get_num_threads()),
+        **env,
+    }
+    command = [sys.executable, "-m", "kdistill", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=300)
+
+
+@pytest.mark.slow
+def test_an_interrupted_run_resumes_to_the_same_student(finished: Path, lm_files, tmp_path) -> None:
+    """Ctrl-C in the distillation phase, then --resume: the baseline is loaded (tied weights written
+    once, restored on load), the distillation continues from its checkpoint, and the student is the
+    one an uninterrupted run trains."""
+    out = tmp_path / "out"
+    train = ["train", str(lm_files["config"]), "--out", str(out), "--quiet"]
+    steps = len(list((finished / "baseline" / "metrics.jsonl").read_text().splitlines()))
+    first = kdistill_process(*train, cache=tmp_path / "cache", KDISTILL_KILL_AT=f"step:{steps + 3}:INT")
+    assert first.returncode == 130, first.stderr
+    assert (out / "baseline" / "done.json").exists() and not (out / "distill" / "done.json").exists()
+    second = kdistill_process(*train, "--resume", cache=tmp_path / "cache")
+    assert second.returncode == 0, second.stderr
+    resumed = json.loads((out / "report.json").read_text())
+    reference = json.loads((finished / "report.json").read_text())
+    for name in ("baseline", "student"):
+        assert resumed[name]["perplexity"] == pytest.approx(reference[name]["perplexity"], rel=1e-6)
+
+
+def test_force_replaces_a_finished_run(finished: Path, lm_files, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("KDISTILL_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    (out / "report.json").write_text("{}")  # marks the old results
+    assert main(["train", str(lm_files["config"]), "--out", str(out), "--force", "--quiet"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["kind"] == "language-model"
+    assert not list(out.glob(".replaced-*"))
+
+
+def test_generate_refuses_a_classification_run(tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.yaml").write_text(dump_config(load_config(None, ["data.dataset=digits"])))
+    assert main(["generate", str(out), "--prompt", "w1"]) == 2
+    err = capsys.readouterr().err
+    assert "is not a language-model run" in err and len(err.strip().splitlines()) == 1, err
