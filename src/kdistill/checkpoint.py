@@ -18,12 +18,16 @@ Integrity: every file kdistill writes carries a SHA-256 of its content, checked 
 raises :class:`~kdistill.errors.CheckpointError` naming the damaged file. Files without
 a digest (written elsewhere, or by an older kdistill) load as before, unchecked: they
 cannot be told apart from any other foreign file, and refusing them would strand old runs.
+
+Tied weights (one tensor under several keys, e.g. a causal LM's embedding and head) are written
+once, the other keys recorded in the metadata under :data:`ALIASES_KEY`, and restored on reading.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import pickle
 import tempfile
@@ -40,6 +44,7 @@ from kdistill import faults
 from kdistill.errors import CheckpointError, KDistillError
 
 DIGEST_KEY = "kdistill.sha256"
+ALIASES_KEY = "kdistill.aliases"  # safetensors metadata: {dropped_key: kept_key} of tied tensors
 _CHUNK = 1 << 20
 _FULL_DISK = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 _WRITE_FAILURE_WORDS = ("iostream", "write", "writing", "i/o", "os error", "space", "too large", "unexpected pos")
@@ -192,10 +197,62 @@ def verify_file(path: str | Path, recorded: Any) -> None:
 # -- writing ---------------------------------------------------------------------------------
 
 
-def save_weights(state: dict[str, torch.Tensor], path: str | Path) -> None:
-    """Write a state dict as safetensors, atomically, with its digest in the metadata."""
-    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    metadata = {DIGEST_KEY: tensors_sha256(tensors)}
+def tied_keys(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Keys of ``state`` whose tensor is an earlier key's tensor (tied weights: a causal LM's input
+    embedding and output head) → that earlier key.
+
+    "The same tensor" is the same memory, offset, shape, stride and dtype: a view of only part of
+    another tensor's memory is not tied (it is saved as a copy). Empty tensors are never tied (they
+    all may report address 0)."""
+    first: dict[tuple[Any, ...], str] = {}
+    tied = {}
+    for key, tensor in state.items():
+        if tensor.numel() == 0:
+            continue
+        identity = (
+            tensor.device,
+            tensor.untyped_storage().data_ptr(),
+            tensor.storage_offset(),
+            tuple(tensor.shape),
+            tensor.stride(),
+            tensor.dtype,
+        )
+        if identity in first:
+            tied[key] = first[identity]
+        else:
+            first[identity] = key
+    return tied
+
+
+def untied(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with each tied tensor (:func:`tied_keys`) kept once, under its first key."""
+    tied = tied_keys(state)
+    return {key: tensor for key, tensor in state.items() if key not in tied}
+
+
+def save_weights(state: Mapping[str, torch.Tensor], path: str | Path) -> None:
+    """Write a state dict as safetensors, atomically, with its digest in the metadata.
+
+    A tensor that several keys share (tied weights) is stored once, under its first key; the others
+    are recorded in the metadata under :data:`ALIASES_KEY` (``{dropped_key: kept_key}``, JSON) and
+    :func:`read_state_dict` restores them. safetensors itself refuses tensors that share memory. The
+    digest covers the restored state dict (every key, tied ones included), so a damaged alias map is
+    caught like damaged tensors, and a file without aliases has the digest it always had.
+    """
+    tied = tied_keys(state)
+    tensors = {k: v.detach().to("cpu") for k, v in state.items() if k not in tied}
+    # A tensor that shares memory with another without being the same tensor (a view of part of it):
+    # safetensors refuses those too, so each is written as a copy of its own.
+    storages = [t.untyped_storage().data_ptr() for t in tensors.values() if t.numel()]
+    shared = {p for p in storages if storages.count(p) > 1}
+    tensors = {
+        k: (v.clone() if v.numel() and v.untyped_storage().data_ptr() in shared else v).contiguous()
+        for k, v in tensors.items()
+    }
+    full = {**tensors, **{key: tensors[kept] for key, kept in tied.items()}}
+    metadata = {DIGEST_KEY: tensors_sha256(full)}
+    if tied:
+        metadata[ALIASES_KEY] = json.dumps(tied, sort_keys=True)
     atomic_write(path, lambda temporary: save_file(tensors, temporary, metadata=metadata))
 
 
@@ -274,6 +331,8 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
             if changed:
                 continue
             raise CheckpointError(f"{path}: not a readable safetensors file ({error}); is it truncated?") from None
+        if ALIASES_KEY in metadata:
+            state = _with_aliases(path, state, metadata[ALIASES_KEY])
         if DIGEST_KEY not in metadata:
             return state
         found = tensors_sha256(state)
@@ -282,6 +341,19 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         verify_digest(path, metadata[DIGEST_KEY], found)
         return state
     raise CheckpointError(f"{path}: the file kept changing while it was read (another process rewriting it?)")
+
+
+def _with_aliases(path: Path, state: dict[str, torch.Tensor], recorded: str) -> dict[str, torch.Tensor]:
+    """``state`` with the tied keys that :func:`save_weights` stored once restored: each dropped key
+    maps to the very tensor of its kept key (so a model loading it gets the same values in both)."""
+    try:
+        aliases = json.loads(recorded)
+        if not isinstance(aliases, dict):
+            raise ValueError("not a mapping")
+        restored = {str(dropped): state[kept] for dropped, kept in aliases.items()}
+    except (ValueError, KeyError, TypeError) as error:
+        raise CheckpointError(f"{path}: damaged: its record of tied tensors is unreadable ({error})") from None
+    return {**state, **restored}
 
 
 def _torch_load(path: Path) -> Any:

@@ -229,7 +229,18 @@ class DistillConfig:
     ``auto`` (compute the teacher's outputs once and reuse them whenever that is exact: no
     augmentation, or ``data.augment_views`` fixed views, and no mixup), ``off``, or a directory.
     ``teacher_precision``: run a live teacher in bf16/fp16 (for CUDA; under ``train.amp`` it is
-    autocast already)."""
+    autocast already).
+
+    ``chunk_tokens``: for causal LMs, compute head, response and CE this many tokens at a time without
+    full logits; ``auto`` = 1,024 when the vocabulary is ≥ 32,768, null = off. (Off for other models;
+    a number for them is refused. ``auto`` is off for the distilled student of an on-policy run, and a
+    number refused there: on-policy batches need the unchunked loss.)
+
+    On-policy distillation (language-model runs only, :class:`kdistill.onpolicy.OnPolicyDistillation`):
+    ``on_policy`` is λ, the probability that a batch is on-policy (0: never, the default); such a batch's
+    prompts are the first ``prompt_tokens`` tokens of each block (fewer than ``data.block_size``), the
+    student samples ``max_new_tokens`` tokens after each at ``sampling_temperature`` with nucleus
+    ``top_p``, and the live teacher scores them. The baseline is never on-policy."""
 
     alpha: float = 1.0
     beta: float = 1.0
@@ -241,12 +252,33 @@ class DistillConfig:
     teacher_precision: Literal["float32", "bf16", "fp16"] = "float32"
     cache_storage: Literal["float16", "float32", "topk"] = "float16"
     cache_topk: int = 20
+    chunk_tokens: int | Literal["auto"] | None = "auto"
+    on_policy: float = 0.0
+    prompt_tokens: int = 32
+    max_new_tokens: int = 32
+    sampling_temperature: float = 1.0
+    top_p: float = 1.0
 
     def __post_init__(self) -> None:
         _require_range("alpha", self.alpha, 0, MAX_WEIGHT)
         _require_range("beta", self.beta, 0, MAX_WEIGHT)
         _require_range("temperature", self.temperature, 0, MAX_TEMPERATURE, low_open=True)
         _require_range("cache_topk", self.cache_topk, 1, MAX_COUNT)
+        # from_dict refuses these already; a DistillConfig built in Python gets the same words.
+        chunk = self.chunk_tokens
+        _require(
+            chunk is None or chunk == "auto" or (isinstance(chunk, int) and not isinstance(chunk, bool)),
+            "chunk_tokens",
+            "must be a number of tokens, 'auto' or null",
+            chunk,
+        )
+        if isinstance(chunk, int):
+            _require_range("chunk_tokens", chunk, 1, MAX_COUNT)
+        _require_range("on_policy", self.on_policy, 0, 1)
+        _require_range("prompt_tokens", self.prompt_tokens, 1, MAX_COUNT)
+        _require_range("max_new_tokens", self.max_new_tokens, 1, MAX_COUNT)
+        _require_range("sampling_temperature", self.sampling_temperature, 0, MAX_TEMPERATURE, low_open=True)
+        _require_range("top_p", self.top_p, 0, 1, low_open=True)
 
 
 @dataclass(frozen=True)
@@ -331,11 +363,24 @@ class Config:
                 _require(value == 0, key, "must be 0 for text (token ids cannot be mixed)", value)
         if self.data.dataset == CORPUS:
             self._check_language_model()
-        elif self.student.vocabulary is not None:
+            return
+        if self.student.vocabulary is not None:
             raise ConfigError(
                 "student.vocabulary applies to language-model runs (data.dataset: corpus) only, "
                 f"got {self.student.vocabulary!r}"
             )
+        d = self.distill
+        if isinstance(d.chunk_tokens, int):  # "auto" is simply off here
+            raise ConfigError(
+                "distill.chunk_tokens applies to causal language models only (data.dataset: corpus), "
+                f"got {d.chunk_tokens!r}; leave it auto or null"
+            )
+        _require(
+            d.on_policy == 0,
+            "distill.on_policy",
+            "applies to language-model runs (data.dataset: corpus) only; leave it 0",
+            d.on_policy,
+        )
 
     def _check_language_model(self) -> None:
         """What a language-model run (data.dataset: corpus) needs, checked before anything loads.
@@ -381,12 +426,41 @@ class Config:
                 f"unknown key student.args.{unknown[0]}{did_you_mean(str(unknown[0]), SHRINK_ARGS)} "
                 f"(shrink takes {', '.join(SHRINK_ARGS)})"
             )
+        d = self.distill
         _require(
-            not self.distill.feature_pairs,
+            not d.feature_pairs,
             "distill.feature_pairs",
             "must be empty for corpus (response and cross-entropy only)",
-            self.distill.feature_pairs,
+            d.feature_pairs,
         )
+        if isinstance(d.chunk_tokens, int) and d.response_loss == "dist":
+            raise ConfigError(
+                "distill.chunk_tokens: the dist response loss correlates each class across the whole batch, so "
+                f"it cannot be computed chunk by chunk; set chunk_tokens to null or pick another loss, "
+                f"got {d.chunk_tokens}"
+            )
+        if d.on_policy > 0:
+            # On-policy batches train on the distiller's response term, which the chunked loss returns
+            # without a gradient (the gradient flows through its total loss only): not combinable yet.
+            if isinstance(d.chunk_tokens, int):
+                raise ConfigError(
+                    "distill.chunk_tokens cannot be combined with distill.on_policy > 0 yet (on-policy batches "
+                    f"need the unchunked loss); set chunk_tokens to null or auto, got {d.chunk_tokens}"
+                )
+            # OnPolicyDistillation's own refusals, made here: before anything loads or is written.
+            _require(
+                d.prompt_tokens < self.data.block_size,
+                "distill.prompt_tokens",
+                f"must be < data.block_size ({self.data.block_size}) with on_policy > 0 (the prompt is the first "
+                "prompt_tokens tokens of a block)",
+                d.prompt_tokens,
+            )
+            _require(
+                d.alpha > 0,
+                "distill.alpha",
+                "must be > 0 with on_policy > 0 (on-policy batches train on the response term alone)",
+                d.alpha,
+            )
 
 
 def _require(ok: bool, key: str, what: str, value: Any) -> None:

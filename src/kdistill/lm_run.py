@@ -14,7 +14,9 @@ once into a memory-mapped token file (:class:`kdistill.corpus.TokenCorpus`, in t
 and the teacher's outputs on the training blocks are computed once into a teacher cache (top-k per
 token by default, coarsened to the student's vocabulary), shared by later runs with the same teacher,
 data and settings. Baseline and distilled student start from the same weights (the teacher's kept
-blocks) and see the same blocks in the same order.
+blocks) and see the same blocks in the same order. With ``distill.on_policy`` λ > 0 a fraction λ of
+the distilled student's batches are on-policy (:class:`kdistill.onpolicy.OnPolicyDistillation`: its
+own samples, scored by the live teacher); the baseline's never are.
 """
 
 from __future__ import annotations
@@ -37,11 +39,13 @@ from torch import nn
 from kdistill import faults
 from kdistill.cache import CachedDistillation, TeacherCache, fingerprint
 from kdistill.calls import is_causal_lm
-from kdistill.checkpoint import atomic_write, read_state_dict
+from kdistill.checkpoint import atomic_write
 from kdistill.config import CORPUS, Config, dump_config, from_dict, read_yaml, to_dict
 from kdistill.corpus import CorpusBlocks, TokenCorpus
 from kdistill.distiller import Distiller
 from kdistill.errors import CheckpointError, ConfigError, KDistillError
+from kdistill.models import load_weights
+from kdistill.report import parameter_count, size_mb
 from kdistill.rundir import RunLock, check_out_path, check_run_dir, move_results_aside
 from kdistill.trainer import Trainer, pick_device
 
@@ -90,7 +94,7 @@ def load_teacher(config: Config) -> tuple[nn.Module, Any]:
     if not is_causal_lm(teacher):
         raise ConfigError(f"teacher: {path} holds a {type(teacher).__name__}, not a causal language model")
     if config.teacher.weights:
-        load_lm_weights(teacher, config.teacher.weights, "teacher")
+        load_weights(teacher, config.teacher.weights, "teacher")
     teacher.requires_grad_(False)
     return teacher.eval(), tokenizer
 
@@ -103,76 +107,6 @@ def build_student(teacher: nn.Module, student_args: Mapping[str, Any], kept: lis
 
     student = shrink(teacher, **student_args).student
     return PrunedVocabulary(student, kept) if kept is not None else student
-
-
-def aliases(state: Mapping[str, torch.Tensor]) -> dict[str, str]:
-    """Keys of ``state`` whose tensor is an earlier key's (tied weights: embedding and head) → that key."""
-    first: dict[tuple[int, int, tuple[int, ...]], str] = {}
-    out = {}
-    for key, tensor in state.items():
-        identity = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-        if identity in first:
-            out[key] = first[identity]
-        else:
-            first[identity] = key
-    return out
-
-
-def unaliased(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``state`` with each tied tensor kept once (safetensors refuses tensors that share memory)."""
-    tied = aliases(state)
-    return {key: tensor for key, tensor in state.items() if key not in tied}
-
-
-class Unaliased(nn.Module):
-    """The trainer's evaluation model for a student with tied weights: the student itself, but its
-    ``state_dict`` keeps each tied tensor once, so the trainer can write it as safetensors."""
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        self.model = model
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:  # type: ignore[override]
-        return unaliased(self.model.state_dict())
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
-
-
-def load_lm_weights(model: nn.Module, path: str | Path, role: str) -> None:
-    """Load safetensors written from :func:`unaliased` (or a full state dict) into ``model``.
-
-    Raises:
-        CheckpointError: keys missing (other than tied ones), unexpected, or of other shapes.
-    """
-    state = read_state_dict(path)
-    own = model.state_dict()
-    for key, source in aliases(own).items():  # tied: the file holds the tensor once
-        if key not in state and source in state:
-            state[key] = state[source]
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
-    if missing or unexpected or mismatched:
-        problem = (
-            f"missing {missing[0]}"
-            if missing
-            else f"unexpected {unexpected[0]}"
-            if unexpected
-            else f"{mismatched[0]} has shape {tuple(state[mismatched[0]].shape)}, not {tuple(own[mismatched[0]].shape)}"
-        )
-        raise CheckpointError(f"{role} weights {path} do not fit the {role} ({problem})")
-    model.load_state_dict(state)
-
-
-def size_mb(model: nn.Module) -> float:
-    """Bytes of the model's state dict with tied tensors counted once, in MB (10⁶ bytes)."""
-    return sum(t.numel() * t.element_size() for t in unaliased(model.state_dict()).values()) / 1e6
-
-
-def parameter_count(model: nn.Module) -> int:
-    """Parameters, tied ones once (``nn.Module.parameters`` already yields each once)."""
-    return sum(p.numel() for p in model.parameters())
 
 
 # -- data -----------------------------------------------------------------------------------------
@@ -251,7 +185,7 @@ def prepare(config: Config, log: Log) -> Prepared:
         kept = None  # every id occurs: nothing to prune
     student = build_student(teacher, config.student.args or {}, kept)
     if config.student.weights:
-        load_lm_weights(student, config.student.weights, "student")
+        load_weights(student, config.student.weights, "student")
     log(
         f"data: {d.path}: {corpus.tokens('train'):,} train tokens ({len(train) * d.block_size:,} trained on), "
         f"{len(validation) * d.block_size:,} validation and {len(test) * d.block_size:,} test tokens scored; "
@@ -262,8 +196,17 @@ def prepare(config: Config, log: Log) -> Prepared:
     return Prepared(config, teacher, tokenizer, corpus, train, validation, test, kept, student)
 
 
-def make_distiller(config: Config, teacher: nn.Module, student: nn.Module, alpha: float | None = None) -> Distiller:
+def make_distiller(
+    config: Config, teacher: nn.Module, student: nn.Module, alpha: float | None = None, *, baseline: bool = False
+) -> Distiller:
+    """The phase's :class:`Distiller`: the distilled student's, or the ``baseline``'s (``alpha`` 0).
+
+    ``distill.chunk_tokens`` applies to both, except to the distilled student of an on-policy run
+    (``distill.on_policy`` > 0): its on-policy batches train on the response term alone, which the
+    chunked loss returns without a gradient, so ``auto`` means off there (the config refuses a number).
+    """
     d = config.distill
+    chunk_tokens = d.chunk_tokens if baseline or d.on_policy == 0 else None
     return Distiller(
         teacher,
         student,
@@ -274,6 +217,7 @@ def make_distiller(config: Config, teacher: nn.Module, student: nn.Module, alpha
         response_loss=d.response_loss,
         teacher_dtype={"float32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[d.teacher_precision],
         causal_lm=True,
+        chunk_tokens=chunk_tokens,
     )
 
 
@@ -423,7 +367,7 @@ def train_phase(
     directory = out / name
     done = directory / "done.json"
     if resume and done.exists():
-        load_lm_weights(student, directory / "student.safetensors", name)
+        load_weights(student, directory / "student.safetensors", name)
         log(f"{name}: already finished, loaded its weights")
         return
     trainer = Trainer(
@@ -434,7 +378,7 @@ def train_phase(
         batch_size=config.data.batch_size,
         workers=config.data.workers,
         eval_batch_size=config.data.eval_batch_size,
-        eval_model=Unaliased(student),
+        eval_model=student,
         select_on=None,  # no per-epoch evaluation: perplexity is measured once, for the report
         run_dir=directory,
         log=log,
@@ -464,20 +408,47 @@ def train_all(prepared: Prepared, out: Path, resume: bool, log: Log) -> dict[str
         baseline = copy.deepcopy(student)
         # α = 0: the loss is the student's cross-entropy alone, computed exactly as the distilled
         # student's; the (weightless) response term reads the cache rather than running the teacher.
-        with make_distiller(config, teacher, baseline, alpha=0.0) as distiller:
+        with make_distiller(config, teacher, baseline, alpha=0.0, baseline=True) as distiller:
             parameters = distiller.trainable_parameters()
             train_phase("baseline", task(distiller), parameters, baseline, prepared, out, resume, log)
         models["baseline"] = baseline
     student.load_state_dict(initial)
     with make_distiller(config, teacher, student) as distiller:
         parameters = distiller.trainable_parameters()
-        train_phase("distill", task(distiller), parameters, student, prepared, out, resume, log)
+        distill_task = on_policy(task(distiller), distiller, prepared, log)  # the baseline: never on-policy
+        train_phase("distill", distill_task, parameters, student, prepared, out, resume, log)
     models["student"] = student
     faults.reached("report")
     log("report: measuring perplexity, agreement, size, single-thread speed and greedy latency …")
     report = measure(models, prepared, cache)
     write_report(out, report)
     return report
+
+
+def on_policy(task: nn.Module, distiller: Distiller, prepared: Prepared, log: Log) -> nn.Module:
+    """The distilled student's task: ``task`` itself, or, with ``distill.on_policy`` λ > 0, an
+    :class:`~kdistill.onpolicy.OnPolicyDistillation` that sends a fraction λ of the batches on-policy
+    (the student's own samples, scored by the live teacher) and the rest to ``task`` (the cached or
+    live distiller). Only when λ > 0: the wrapper is bit-identical at λ = 0, but leaving it out keeps
+    earlier runs' task, and checkpoints, exactly as they were."""
+    from kdistill.onpolicy import OnPolicyDistillation
+
+    config = prepared.config
+    d = config.distill
+    if d.on_policy == 0:
+        return task
+    return OnPolicyDistillation(
+        distiller,
+        fraction=d.on_policy,
+        prompt_tokens=d.prompt_tokens,
+        max_new_tokens=d.max_new_tokens,
+        sampling_temperature=d.sampling_temperature,
+        top_p=d.top_p,
+        seed=config.train.seed,
+        off_policy=task if task is not distiller else None,
+        eos_token_id=prepared.corpus.eos_id,
+        log=log,
+    )
 
 
 # -- the report -------------------------------------------------------------------------------------
@@ -687,7 +658,7 @@ def load_run_model(run_dir: str | Path, which: str = "student") -> tuple[nn.Modu
             f"{run_dir / 'distill' / STUDENT_FILE} is damaged (its kept ids do not match their digest)"
         )
     student = build_student(teacher, facts["shrink"], kept)
-    load_lm_weights(student, run_dir / phase / "student.safetensors", which)
+    load_weights(student, run_dir / phase / "student.safetensors", which)
     return student.eval(), tokenizer
 
 

@@ -284,12 +284,20 @@ def load_weights(model: nn.Module, path: str | Path, role: str = "model") -> Non
 
     Nothing is unpickled beyond tensors and containers; a truncated file or one made for
     another architecture raises :class:`~kdistill.errors.CheckpointError` naming the problem.
+
+    Tied weights stay tied: ``load_state_dict`` copies into the model's existing parameters, so an
+    embedding and head that are one ``Parameter`` remain one. A file that holds a tied tensor once
+    without recording the other key (written by earlier kdistill language-model runs, or by other
+    tools that drop tied keys) gets the missing key from the key it is tied to in ``model``.
     """
-    from kdistill.checkpoint import read_state_dict
+    from kdistill.checkpoint import read_state_dict, tied_keys
 
     state = read_state_dict(path)
     state = {k.removeprefix("module.").removeprefix("_orig_mod."): v for k, v in state.items()}
     own = model.state_dict()
+    for key, source in tied_keys(own).items():
+        if key not in state and source in state:
+            state[key] = state[source]
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     mismatched = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]

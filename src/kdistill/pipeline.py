@@ -526,6 +526,9 @@ def make_distiller(config: Config, teacher: nn.Module, student: nn.Module, sampl
         response_loss=d.response_loss,
         sample_input=sample,
         teacher_dtype={"float32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[d.teacher_precision],
+        # These runs are not language models: "auto" is off; a number (which the config already refuses
+        # here) would make the Distiller refuse it, naming causal language models.
+        chunk_tokens=d.chunk_tokens if isinstance(d.chunk_tokens, int) else None,
     )
 
 

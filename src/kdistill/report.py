@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from kdistill.calls import call_model, default_logits
+from kdistill.checkpoint import untied
 from kdistill.data import Data, Inputs, first_inputs, primary, select, trim_padding
 
 ROLES = ("teacher", "baseline", "student")
@@ -29,9 +30,10 @@ def parameter_count(model: nn.Module) -> int:
 
 
 def size_mb(model: nn.Module) -> float:
-    """Bytes of the model's state dict (parameters and buffers), in MB (10⁶ bytes): what a
-    safetensors export holds, give or take its small header."""
-    return sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
+    """Bytes of the model's state dict (parameters and buffers), a tied tensor (one tensor under
+    several keys: a causal LM's embedding and head) counted once, in MB (10⁶ bytes): what a
+    safetensors export holds (it stores a tied tensor once too), give or take its small header."""
+    return sum(t.numel() * t.element_size() for t in untied(model.state_dict()).values()) / 1e6
 
 
 @torch.inference_mode()
