@@ -297,3 +297,39 @@ def test_without_autograd_the_values_are_the_same():
     for key in ("loss", "ce", "response"):
         assert not outs[1][key].requires_grad
         assert abs(float(outs[1][key]) - float(outs[0][key])) <= TOLERANCE * max(1.0, abs(float(outs[0][key])))
+
+
+@pytest.mark.parametrize("kind", ["llama", "pruned"])
+@pytest.mark.parametrize("ce_weight", [0.0, 0.5])
+def test_ce_weight_matches_the_unchunked_distiller(kind, ce_weight):
+    """``forward(..., ce_weight=w)``: ``β·(α·L_resp + L_feat) + w·L_CE`` chunked as unchunked (CE reported)."""
+    teacher, (inputs, labels), student = llama(0), batch(), student_of(kind)
+    results = []
+    for chunk_tokens in (None, CHUNK):
+        options = dict(alpha=0.7, beta=1.3, temperature=2.0, response_loss="jsd", causal_lm=True)
+        distiller = Distiller(teacher, copy.deepcopy(student), chunk_tokens=chunk_tokens, **options)
+        out = distiller(inputs, labels, ce_weight=ce_weight)
+        assert out["ce"].requires_grad == (ce_weight > 0 and chunk_tokens is None)
+        out["loss"].backward()
+        grads = {name: p.grad.clone() for name, p in distiller.student.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+        distiller.close()
+    assert_same(*results)
+    out = results[0][0]
+    want = 1.3 * (0.7 * out["response"] + out["feature"]) + (ce_weight * out["ce"] if ce_weight else 0.0)
+    assert torch.equal(out["loss"], want)
+
+
+@pytest.mark.parametrize("kind", ["llama", "pruned"])
+def test_ce_weight_zero_with_alpha_zero_still_reaches_every_parameter(kind):
+    """Nothing weighted is left (α = 0, CE weight 0): the loss is 0 with a zero gradient for every student
+    parameter (for DDP), chunked and unchunked alike."""
+    teacher, (inputs, labels), student = llama(0), batch(), student_of(kind)
+    for chunk_tokens in (None, CHUNK):
+        distiller = Distiller(teacher, copy.deepcopy(student), alpha=0.0, causal_lm=True, chunk_tokens=chunk_tokens)
+        out = distiller(inputs, labels, ce_weight=0.0)
+        assert float(out["loss"].detach()) == 0.0 and float(out["ce"]) > 0
+        out["loss"].backward()
+        for name, parameter in distiller.student.named_parameters():
+            assert parameter.grad is not None and not parameter.grad.any(), name
+        distiller.close()

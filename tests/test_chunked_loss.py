@@ -180,6 +180,7 @@ def naive_loss(
     ignore_index=-100,
     mask=None,
     temperature_squared=True,
+    ce_weight=1.0,
 ):
     """What anyone would write: full logits, the library's response loss and CE, autograd."""
     logits = F.linear(hidden, weight, bias)
@@ -200,7 +201,8 @@ def naive_loss(
     if labels is not None:
         ce_labels = labels if mask is None else labels.masked_fill(mask == 0, ignore_index)
         ce = losses.cross_entropy(logits, ce_labels, ignore_index)
-    loss = ce + beta * alpha * response if beta * alpha else ce
+    weighted_ce = ce if ce_weight == 1 else ce_weight * ce
+    loss = weighted_ce + beta * alpha * response if beta * alpha else weighted_ce
     return {"loss": loss, "ce": ce, "response": response}
 
 
@@ -266,6 +268,42 @@ def test_chunked_loss_and_gradients_equal_the_naive_ones_in_float64(divergence, 
     got = chunked.chunked_distillation_loss(problem["hidden"], head, teacher, labels, chunk_size=5, **settings)
     want = naive_loss(problem["hidden"], *head, teacher, labels, **settings)
     compare(got, want, problem)
+
+
+@pytest.mark.parametrize("ce_weight", [0.0, 0.5])
+@pytest.mark.parametrize("teacher_kind", ["hidden_and_head", "none"])
+def test_chunked_loss_with_a_ce_weight_equals_the_naive_one(ce_weight, teacher_kind, monkeypatch):
+    """``ce_weight`` scales CE in the loss and in the analytic gradient; ``ce`` is reported unweighted."""
+    monkeypatch.setattr(chunked, "TEACHER_ROWS", 3)
+    monkeypatch.setattr(chunked, "BLOCK_ROWS", 2)
+    problem = make_problem(seed=23)
+    labels = problem["labels"].clone()
+    labels[[2, 7]] = -100
+    teacher = None if teacher_kind == "none" else (problem["teacher_hidden"], problem["teacher_head"])
+    settings = dict(divergence="jsd", temperature=2.0, alpha=0.7, beta=1.3, ce_weight=ce_weight)
+    head = (problem["weight"], problem["bias"])
+    got = chunked.chunked_distillation_loss(problem["hidden"], head, teacher, labels, chunk_size=4, **settings)
+    assert got["ce"].item() > 0 and not got["ce"].requires_grad
+    if teacher is None:  # no teacher: the loss is the weighted CE alone (0 with weight 0, zero gradients)
+        want_ce = naive_loss(problem["hidden"], *head, torch.zeros(10, 7).double(), labels)["ce"]
+        assert got["ce"].item() == pytest.approx(want_ce.item(), rel=1e-10)
+        assert got["loss"].item() == pytest.approx(ce_weight * want_ce.item(), rel=1e-10, abs=1e-300)
+        parts = [problem["hidden"], problem["weight"], problem["bias"]]
+        want_grads = torch.autograd.grad(ce_weight * want_ce, parts) if ce_weight else [p * 0 for p in parts]
+        for g, w in zip(gradients(got, problem), want_grads):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-12)
+        return
+    want = naive_loss(problem["hidden"], *head, teacher, labels, **settings)
+    compare(got, want, problem)
+
+
+@pytest.mark.parametrize("ce_weight", [-0.5, float("nan"), float("inf")])
+def test_bad_ce_weights_are_refused(ce_weight):
+    problem = make_problem(seed=24)
+    with pytest.raises(ConfigError, match="ce_weight"):
+        chunked.chunked_distillation_loss(
+            problem["hidden"], problem["weight"], None, problem["labels"], ce_weight=ce_weight
+        )
 
 
 @pytest.mark.parametrize("temperature", [1.0, 3.0])

@@ -55,10 +55,6 @@ CASES = {
         lm("distill.on_policy=0.5", "distill.prompt_tokens=4", "distill.alpha=0"),
         "distill.alpha must be > 0 with on_policy > 0",
     ),
-    "chunk_tokens with on-policy": (
-        lm("distill.on_policy=0.5", "distill.prompt_tokens=4", "distill.chunk_tokens=4"),
-        "distill.chunk_tokens cannot be combined with distill.on_policy > 0",
-    ),
     "on-policy with jsd on the top-k cache": (
         lm("distill.on_policy=0.5", "distill.prompt_tokens=4", "distill.response_loss=jsd"),
         "supports the kl response loss only",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -378,3 +379,91 @@ def test_lambda_above_zero_needs_a_response_term():
     distiller = Distiller(tiny_llama(0), tiny_llama(1), alpha=0.0, causal_lm=True)
     with pytest.raises(ConfigError, match="alpha"):
         task_for(distiller)
+
+
+# -- ce_weight and the chunked loss (on-policy batches with chunk_tokens) --------------------------
+
+
+def student_grads(student: nn.Module) -> dict[str, Tensor]:
+    """Every student parameter's gradient by name (cloned), then cleared."""
+    grads = {name: p.grad.clone() for name, p in student.named_parameters() if p.grad is not None}
+    student.zero_grad(set_to_none=True)
+    return grads
+
+
+def test_ce_weight_zero_leaves_ce_out_of_the_total_and_still_reports_it():
+    teacher, student, data = tiny_llama(0), tiny_llama(1), blocks()
+    alpha, beta = 0.7, 1.3
+    distiller = Distiller(teacher, student, alpha=alpha, beta=beta, temperature=TAU, causal_lm=True)
+    inputs, labels, _ = batch(data, [0, 2, 4])
+    full = distiller(inputs, labels)
+    (distiller.beta * (distiller.alpha * full["response"] + full["feature"])).backward()
+    want = student_grads(student)
+
+    out = distiller(inputs, labels, ce_weight=0.0)
+    # Exactly the divergence alone, in the distiller's order of operations; CE reported, without gradient.
+    assert torch.equal(out["loss"], beta * (alpha * out["response"] + out["feature"]))
+    assert torch.equal(out["ce"], full["ce"].detach()) and not out["ce"].requires_grad
+    assert float(out["ce"]) > 0 and not torch.equal(out["loss"], full["loss"])
+    out["loss"].backward()
+    got = student_grads(student)
+    assert set(got) == set(want)
+    for name, grad in want.items():
+        assert torch.equal(got[name], grad), name
+
+    half = distiller(inputs, labels, ce_weight=0.5)
+    assert torch.equal(half["loss"], beta * (alpha * half["response"] + half["feature"]) + 0.5 * half["ce"])
+    # The default weight 1 is the plain total, bit for bit.
+    assert torch.equal(distiller(inputs, labels, ce_weight=1.0)["loss"], full["loss"])
+
+
+@pytest.mark.parametrize("ce_weight", [-1.0, math.nan, math.inf, True])
+def test_bad_ce_weights_are_config_errors(ce_weight):
+    distiller = Distiller(tiny_llama(0), tiny_llama(1), causal_lm=True)
+    inputs, labels, _ = batch(blocks(), [0])
+    with pytest.raises(ConfigError, match="ce_weight"):
+        distiller(inputs, labels, ce_weight=ce_weight)
+
+
+def pruned_student(seed: int = 1) -> nn.Module:
+    student = PrunedVocabulary(tiny_llama(seed), list(range(0, VOCAB, 3)))
+    with torch.no_grad():
+        student.other_bias.add_(0.3)  # off its initial value, so that its gradient is not special
+    return student
+
+
+@pytest.mark.parametrize("kind", ["llama", "pruned"])
+@pytest.mark.parametrize("response_loss", ["jsd", "reverse_kl"])
+def test_on_policy_with_a_chunked_distiller_equals_the_unchunked_one(kind, response_loss):
+    """chunk_tokens 4: the on-policy loss (no CE) and its gradients are the unchunked ones to 1e-10 (float64)."""
+    teacher, data = tiny_llama(0), blocks()
+    student = pruned_student() if kind == "pruned" else tiny_llama(1)
+    inputs, labels, index = batch(data, [0, 3, 5])
+    results = []
+    for chunk_tokens in (None, 4):
+        twin = copy.deepcopy(student)
+        distiller = Distiller(
+            teacher,
+            twin,
+            alpha=0.7,
+            beta=1.3,
+            temperature=TAU,
+            response_loss=response_loss,
+            causal_lm=True,
+            chunk_tokens=chunk_tokens,
+        )
+        out = task_for(distiller)(inputs, labels, index=index, epoch=1)
+        assert out["loss"].requires_grad and not out["ce"].requires_grad
+        out["loss"].backward()
+        results.append((out, student_grads(twin)))
+        distiller.close()
+    (plain, plain_grads), (chunked, chunked_grads) = results
+    for key in ("loss", "ce", "response", "generated_tokens"):
+        want = float(plain[key].detach())
+        assert abs(float(chunked[key].detach()) - want) <= 1e-10 * max(1.0, abs(want)), key
+    want_loss = plain["loss"].detach()
+    assert torch.equal(want_loss, 1.3 * (0.7 * plain["response"] + plain["feature"]))  # no CE in it
+    assert set(chunked_grads) == set(plain_grads)
+    for name, grad in plain_grads.items():
+        scale = max(1.0, float(grad.abs().max()))
+        assert float((chunked_grads[name] - grad).abs().max()) <= 1e-10 * scale, name

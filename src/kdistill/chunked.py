@@ -21,6 +21,7 @@ returning a mean over rows) gets it from a local autograd call on one block's lo
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -283,7 +284,7 @@ class _Settings(NamedTuple):
     divergence: _Divergence
     temperature: float
     response_scale: float  # ∂ loss / ∂ (sum over counted rows of D): β·α·τ² / count (τ² if asked)
-    ce_scale: float  # ∂ loss / ∂ (sum of CE rows): 1 / count, 0 without labels
+    ce_scale: float  # ∂ loss / ∂ (sum of CE rows): ce_weight / count, 0 without labels
     needs_gradient: bool
 
 
@@ -370,7 +371,7 @@ class _ChunkedLoss(torch.autograd.Function):
         teacher: _Teacher,
         labels: Tensor | None,
         rows: Tensor,
-        weights: tuple[float, float],
+        weights: tuple[float, float, float],
         settings: _Settings,
         chunk_size: int,
     ) -> tuple[Tensor, Tensor, Tensor]:
@@ -410,11 +411,13 @@ class _ChunkedLoss(torch.autograd.Function):
             if grad_bias is not None:
                 grad_bias += logits.sum(0)
         count = max(rows.numel(), 1)
-        response_weight, squared = weights
+        response_weight, squared, ce_weight = weights
         response = (response_sum / count * squared).to(dtype)
         ce = (ce_sum / count).to(dtype)
-        # A zero-weight response must not reach the loss (0 · NaN is NaN), as in the Distiller.
-        loss = ce + response_weight * response if response_weight else ce.clone()
+        # Zero-weight terms must not reach the loss (0 · NaN is NaN), as in the Distiller; weight 1 is
+        # not multiplied at all, so that the default loss is what it always was, bit for bit.
+        weighted_ce = torch.zeros_like(ce) if ce_weight == 0 else ce if ce_weight == 1 else ce_weight * ce
+        loss = weighted_ce + response_weight * response if response_weight else weighted_ce.clone()
         ctx.gradients = (
             None if grad_hidden is None else grad_hidden.to(student_hidden.dtype),
             None if grad_weight is None else grad_weight.to(weight.dtype),
@@ -435,6 +438,17 @@ class _ChunkedLoss(torch.autograd.Function):
         return (*scaled, None, None, None, None, None, None)
 
 
+def check_ce_weight(ce_weight: float) -> None:
+    """Refuse a CE weight that is not a finite number ≥ 0 (a bool included: ``True`` is no weight).
+
+    Raises:
+        ConfigError: naming ``ce_weight`` and the value.
+    """
+    number = isinstance(ce_weight, (int, float)) and not isinstance(ce_weight, bool)
+    if not (number and math.isfinite(ce_weight) and ce_weight >= 0):
+        raise ConfigError(f"ce_weight must be a finite number ≥ 0, got {ce_weight!r}")
+
+
 def chunked_distillation_loss(
     student_hidden: Tensor,
     student_head: Head,
@@ -449,13 +463,15 @@ def chunked_distillation_loss(
     chunk_size: int = 1024,
     mask: Tensor | None = None,
     temperature_squared: bool = True,
+    ce_weight: float = 1.0,
 ) -> dict[str, Tensor]:
     """The Distiller's ``loss``, ``ce`` and ``response`` from hidden states and heads, chunk by chunk.
 
     Equal (to rounding) to computing ``logits = student_head(student_hidden)`` and the teacher's
     logits in full, then ``response = τ² · mean_rows D(P_s, P_t)`` (:func:`kdistill.losses.response_loss`
     with the registry's ``divergence``), ``ce = mean_rows CE(logits, labels)`` and
-    ``loss = β·α·response + ce`` (the Distiller's ``L_total`` without feature terms); but the extra
+    ``loss = β·α·response + w·ce`` with ``w = ce_weight`` (the Distiller's ``L_total`` without feature
+    terms); but the extra
     memory is ``O(chunk_size × V)`` instead of several ``(N, V)`` tensors (see the module doc).
 
     Args:
@@ -478,6 +494,9 @@ def chunked_distillation_loss(
         chunk_size: rows per chunk (the memory/speed trade-off).
         mask: ``(N,)``; rows where it is 0 count in no term.
         temperature_squared: multiply the response by ``τ²`` (on by default, as the Distiller).
+        ce_weight: ``w ≥ 0``, the weight of CE in ``loss`` and in its gradient. 0 leaves CE out of the
+            loss (e.g. on-policy batches: the student's likelihood of its own samples is no target)
+            while the labels still select the scored rows and ``ce`` is still reported.
 
     Half and bfloat16 inputs are computed in float32 (a float32 copy of the head, ``(V, H)``); the
     gradients come back in the inputs' dtypes.
@@ -498,6 +517,7 @@ def chunked_distillation_loss(
         raise ConfigError(f"chunk_size must be a positive number of rows, got {chunk_size}")
     if not temperature > 0:
         raise ConfigError(f"temperature must be positive, got {temperature}")
+    check_ce_weight(ce_weight)
     resolved = _resolve_divergence(divergence)
     if teacher is None:  # no divergence: its weight must not scale a gradient that is not there
         alpha = 0.0
@@ -521,7 +541,7 @@ def chunked_distillation_loss(
         divergence=resolved,
         temperature=temperature,
         response_scale=response_weight * squared / count,
-        ce_scale=0.0 if labels is None else 1.0 / count,
+        ce_scale=0.0 if labels is None else ce_weight / count,
         needs_gradient=torch.is_grad_enabled()
         and any(part is not None and part.requires_grad for part in (student_hidden, weight, bias)),
     )
@@ -535,7 +555,7 @@ def chunked_distillation_loss(
             teacher_rows,
             flat_labels,
             rows,
-            (response_weight, squared),
+            (response_weight, squared, float(ce_weight)),
             settings,
             chunk_size,
         )

@@ -233,8 +233,7 @@ class DistillConfig:
 
     ``chunk_tokens``: for causal LMs, compute head, response and CE this many tokens at a time without
     full logits; ``auto`` = 1,024 when the vocabulary is ≥ 32,768, null = off. (Off for other models;
-    a number for them is refused. ``auto`` is off for the distilled student of an on-policy run, and a
-    number refused there: on-policy batches need the unchunked loss.)
+    a number for them is refused.)
 
     On-policy distillation (language-model runs only, :class:`kdistill.onpolicy.OnPolicyDistillation`):
     ``on_policy`` is λ, the probability that a batch is on-policy (0: never, the default); such a batch's
@@ -440,13 +439,6 @@ class Config:
                 f"got {d.chunk_tokens}"
             )
         if d.on_policy > 0:
-            # On-policy batches train on the distiller's response term, which the chunked loss returns
-            # without a gradient (the gradient flows through its total loss only): not combinable yet.
-            if isinstance(d.chunk_tokens, int):
-                raise ConfigError(
-                    "distill.chunk_tokens cannot be combined with distill.on_policy > 0 yet (on-policy batches "
-                    f"need the unchunked loss); set chunk_tokens to null or auto, got {d.chunk_tokens}"
-                )
             # OnPolicyDistillation's own refusals, made here: before anything loads or is written.
             _require(
                 d.prompt_tokens < self.data.block_size,

@@ -118,8 +118,9 @@ class Distiller(nn.Module):
             off otherwise. The library default is off because the chunked output has no ``logits``
             entry; the config's ``distill.chunk_tokens`` defaults to ``"auto"``.
 
-    ``forward(inputs, labels=None)`` returns a dict with ``loss``, ``ce``, ``response``,
-    ``feature``, one ``feature/<student>-><teacher>`` per pair and ``logits``. Inputs
+    ``forward(inputs, labels=None, *, teacher_outputs=None, ce_weight=1.0)`` returns a dict with
+    ``loss``, ``ce``, ``response``, ``feature``, one ``feature/<student>-><teacher>`` per pair and
+    ``logits``. Inputs
     that are a mapping are passed as keyword arguments (``model(**inputs)``), a tuple
     as positional ones; a mapping's ``attention_mask`` masks padding out of token-level
     terms.
@@ -163,8 +164,14 @@ class Distiller(nn.Module):
     A forward hook on a head module sees the ``(N, T, 0)`` stand-in. The loss's gradients are
     computed in the forward pass: one backward per forward.
 
+    CE weight (``ce_weight`` of :meth:`forward`, ``w ≥ 0``, default 1): the loss is
+    ``β · (α · L_resp + L_feat) + w · L_CE``, the labels still choosing the scored positions of every
+    term. With ``w = 0`` (on-policy batches, :class:`kdistill.onpolicy.OnPolicyDistillation`: CE on the
+    student's own samples is no target) CE is left out of the loss, not multiplied by 0, and still
+    reported, without gradient; with ``w = 1`` the loss is the plain ``L_total``, bit for bit.
+
     Under ``DistributedDataParallel``: when the student's logits enter no weighted term
-    (``alpha = 0`` and no labels: feature-only distillation), the loss includes them with
+    (``alpha = 0`` and no labels or ``ce_weight = 0``: feature-only distillation), the loss includes them with
     weight 0, so every student parameter gets a (zero) gradient and DDP needs no
     ``find_unused_parameters=True``.
     """
@@ -308,17 +315,23 @@ class Distiller(nn.Module):
         labels: Tensor | None = None,
         *,
         teacher_outputs: tuple[Tensor, Mapping[str, Tensor]] | None = None,
+        ce_weight: float = 1.0,
     ) -> dict[str, Tensor]:
         """One distillation step's losses; see the class docstring for the keys.
 
         ``teacher_outputs``, when given, is the teacher's ``(logits, {layer: feature})`` for these
         inputs (e.g. from a :class:`kdistill.cache.TeacherCache`); the teacher is then not run.
         A ``labels`` entry of a mapping ``inputs`` is the labels (see the class docstring).
+        ``ce_weight``: the weight ``w ≥ 0`` of CE in the loss (see the class docstring, "CE weight").
+
+        Raises:
+            ConfigError: ``ce_weight`` is not a finite number ≥ 0.
         """
+        chunked.check_ce_weight(ce_weight)
         inputs, labels = split_labels(inputs, labels)
         mask = token_mask(inputs)
         if self.chunk_size is not None:
-            return self._forward_chunked(inputs, labels, mask, teacher_outputs)
+            return self._forward_chunked(inputs, labels, mask, teacher_outputs, ce_weight)
         if teacher_outputs is None:
             teacher_logits, teacher_features = self.run_teacher(inputs)
         else:
@@ -329,7 +342,9 @@ class Distiller(nn.Module):
             self._check_logits(student_logits, teacher_logits)
         if not self._built:
             self._build_adapters(student_features, teacher_features)
-        return self.compute_losses(student_logits, teacher_logits, student_features, teacher_features, labels, mask)
+        return self.compute_losses(
+            student_logits, teacher_logits, student_features, teacher_features, labels, mask, ce_weight=ce_weight
+        )
 
     def _forward_chunked(
         self,
@@ -337,6 +352,7 @@ class Distiller(nn.Module):
         labels: Tensor | None,
         mask: Tensor | None,
         teacher_outputs: tuple[TeacherLogits | None, Mapping[str, Tensor]] | None,
+        ce_weight: float = 1.0,
     ) -> dict[str, Tensor]:
         """:meth:`forward` with ``chunk_tokens``: hidden states and heads instead of logits."""
         teacher: TeacherHidden | TeacherLogits | None
@@ -348,7 +364,9 @@ class Distiller(nn.Module):
         student_hidden, student_features = self._run_student_hidden(inputs)
         if not self._built:
             self._build_adapters(student_features, teacher_features)
-        return self.compute_chunked_losses(student_hidden, teacher, student_features, teacher_features, labels, mask)
+        return self.compute_chunked_losses(
+            student_hidden, teacher, student_features, teacher_features, labels, mask, ce_weight=ce_weight
+        )
 
     def _run_student(self, inputs: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """The student's logits and hooked features for ``inputs`` (with autograd, unless disabled)."""
@@ -449,6 +467,8 @@ class Distiller(nn.Module):
         teacher_features: Mapping[str, Tensor],
         labels: Tensor | None = None,
         mask: Tensor | None = None,
+        *,
+        ce_weight: float = 1.0,
     ) -> dict[str, Tensor]:
         """The loss dict from already computed outputs (also used with cached teacher outputs).
 
@@ -459,7 +479,8 @@ class Distiller(nn.Module):
 
         ``teacher_logits`` is None only when ``alpha = 0`` stopped the teacher early; the output
         then has no ``response`` key. With ``alpha = 0`` and teacher logits, ``response`` is the
-        real ``L_resp``, computed without gradient (it has no weight in the loss).
+        real ``L_resp``, computed without gradient (it has no weight in the loss). ``ce_weight``: see
+        the class docstring ("CE weight"); with 0, CE is computed without gradient, for the report only.
         """
         if isinstance(self.student, PrunedVocabulary):
             _check_compact(teacher_logits, self.student)
@@ -487,17 +508,24 @@ class Distiller(nn.Module):
                 )
         feature, terms = self._feature_terms(student_logits, student_features, teacher_features, mask)
         if scored_labels is not None:
-            ce = losses.cross_entropy(scored_logits, scored_labels, self.ignore_index)
+            # A zero-weight CE is only reported: no graph for it.
+            with torch.no_grad() if ce_weight == 0 else nullcontext():
+                ce = losses.cross_entropy(scored_logits, scored_labels, self.ignore_index)
         else:
             ce = student_logits.new_zeros((), dtype=torch.float32)
-        if self.alpha == 0:  # a zero-weight response must not reach the loss (0 · NaN is NaN)
-            total = self.beta * feature + ce
-            if labels is None:
+        # Zero-weight terms stay out of the sum (0 · NaN is NaN); weight 1 multiplies nothing, so the
+        # default total is the plain L_total bit for bit, its additions in their usual order.
+        weighted_ce = None if ce_weight == 0 else ce if ce_weight == 1 else ce_weight * ce
+        if self.alpha == 0:
+            total = self.beta * feature if weighted_ce is None else self.beta * feature + weighted_ce
+            if labels is None or weighted_ce is None:
                 # The logits are in no weighted term: keep them in the graph with weight 0, so every
                 # student parameter gets a gradient and DDP does not fail on "unused parameters".
                 total = total + student_logits.float().sum() * 0.0
         else:
-            total = self.beta * (self.alpha * response + feature) + ce
+            total = self.beta * (self.alpha * response + feature)
+            if weighted_ce is not None:
+                total = total + weighted_ce
         return self._output(total, ce, response, feature, terms, student_logits)
 
     def compute_chunked_losses(
@@ -508,6 +536,8 @@ class Distiller(nn.Module):
         teacher_features: Mapping[str, Tensor],
         labels: Tensor | None = None,
         mask: Tensor | None = None,
+        *,
+        ce_weight: float = 1.0,
     ) -> dict[str, Tensor]:
         """:meth:`compute_losses` from the student's final hidden states, chunk by chunk (``chunk_tokens``).
 
@@ -517,6 +547,7 @@ class Distiller(nn.Module):
                 coarsen), cached ``(N, T, C)`` logits or :class:`TopKLogits` over the student's outputs,
                 or None (``alpha = 0`` stopped the teacher: no ``response`` key).
             labels, mask: ``(N, T)``, unshifted full ids / attention mask, or None.
+            ce_weight: the weight of CE in the loss (see the class docstring, "CE weight").
 
         Returns:
             The keys of :meth:`compute_losses` but ``logits`` (see the class docstring).
@@ -558,11 +589,12 @@ class Distiller(nn.Module):
             chunk_size=self.chunk_size,
             mask=flat_mask,
             temperature_squared=self.temperature_squared,
+            ce_weight=ce_weight,
         )
         feature, terms = self._feature_terms(student_hidden, student_features, teacher_features, mask)
-        # chunked's loss is β·α·L_resp + L_CE (just L_CE when α = 0 or there is no teacher): add β·L_feat.
+        # chunked's loss is β·α·L_resp + w·L_CE (just w·L_CE when α = 0 or there is no teacher): add β·L_feat.
         total = values["loss"] + self.beta * feature
-        if (self.alpha == 0 or teacher is None) and scored_labels is None:
+        if (self.alpha == 0 or teacher is None) and (scored_labels is None or ce_weight == 0):
             # Nothing weighted reaches the head: chunked's loss is a 0 whose (zero) gradients reach every
             # student parameter (for DDP, as compute_losses's weight-0 logits); float32, as that one.
             total = values["loss"].float() + self.beta * feature

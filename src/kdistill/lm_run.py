@@ -196,17 +196,13 @@ def prepare(config: Config, log: Log) -> Prepared:
     return Prepared(config, teacher, tokenizer, corpus, train, validation, test, kept, student)
 
 
-def make_distiller(
-    config: Config, teacher: nn.Module, student: nn.Module, alpha: float | None = None, *, baseline: bool = False
-) -> Distiller:
+def make_distiller(config: Config, teacher: nn.Module, student: nn.Module, alpha: float | None = None) -> Distiller:
     """The phase's :class:`Distiller`: the distilled student's, or the ``baseline``'s (``alpha`` 0).
 
-    ``distill.chunk_tokens`` applies to both, except to the distilled student of an on-policy run
-    (``distill.on_policy`` > 0): its on-policy batches train on the response term alone, which the
-    chunked loss returns without a gradient, so ``auto`` means off there (the config refuses a number).
+    ``distill.chunk_tokens`` applies to both, on-policy runs included (their on-policy batches call the
+    distiller with ``ce_weight=0``, which the chunked loss supports).
     """
     d = config.distill
-    chunk_tokens = d.chunk_tokens if baseline or d.on_policy == 0 else None
     return Distiller(
         teacher,
         student,
@@ -217,7 +213,7 @@ def make_distiller(
         response_loss=d.response_loss,
         teacher_dtype={"float32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[d.teacher_precision],
         causal_lm=True,
-        chunk_tokens=chunk_tokens,
+        chunk_tokens=d.chunk_tokens,
     )
 
 
@@ -408,7 +404,7 @@ def train_all(prepared: Prepared, out: Path, resume: bool, log: Log) -> dict[str
         baseline = copy.deepcopy(student)
         # α = 0: the loss is the student's cross-entropy alone, computed exactly as the distilled
         # student's; the (weightless) response term reads the cache rather than running the teacher.
-        with make_distiller(config, teacher, baseline, alpha=0.0, baseline=True) as distiller:
+        with make_distiller(config, teacher, baseline, alpha=0.0) as distiller:
             parameters = distiller.trainable_parameters()
             train_phase("baseline", task(distiller), parameters, baseline, prepared, out, resume, log)
         models["baseline"] = baseline

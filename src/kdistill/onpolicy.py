@@ -208,6 +208,8 @@ class OnPolicyDistillation(nn.Module):
     the generated tokens only (the EOS included, the prompt and the padding after EOS excluded). The
     distiller's cross-entropy is *not* in it: on its own samples it would be the student's likelihood of
     what it just wrote, not a target; it stays in the returned dict as ``ce``, detached, for logging.
+    The distiller is called with ``ce_weight=0`` (the labels still choose the generated positions), so
+    this holds for a chunked distiller (``chunk_tokens``) too.
     With ``alpha = 0`` there is no response term and λ > 0 is refused.
 
     ``forward(inputs, labels, *, index, epoch)`` returns the loss dict of the batch's task; on-policy
@@ -271,12 +273,12 @@ class OnPolicyDistillation(nn.Module):
             self.log(LIVE_TEACHER_NOTE)
             self._noted = True
         sequence, sampled_labels = self.on_policy_batch(inputs, index=index, epoch=epoch)
-        out = self.distiller(sequence, sampled_labels)
-        # The divergence alone (see the class docstring: no cross-entropy on the student's own samples),
-        # in the distiller's own order of operations.
-        loss = self.distiller.beta * (self.distiller.alpha * out["response"] + out["feature"])
+        # The divergence alone (see the class docstring: no cross-entropy on the student's own samples).
+        # The distiller leaves CE out itself rather than this module rebuilding the loss from the
+        # reported terms: under chunk_tokens those carry no gradient, only the distiller's loss does.
+        out = self.distiller(sequence, sampled_labels, ce_weight=0.0)
         counted = (sampled_labels[:, 1:] != IGNORE_INDEX).sum(1).double().mean()
-        return {**out, "loss": loss, "ce": out["ce"].detach(), "generated_tokens": counted}
+        return {**out, "generated_tokens": counted}
 
     @torch.no_grad()
     def on_policy_batch(self, inputs: Any, *, index: Tensor, epoch: int = 0) -> tuple[dict[str, Tensor], Tensor]:
