@@ -20,6 +20,7 @@ from kdistill.distiller import AUTO_CHUNK_VOCABULARY, DEFAULT_CHUNK_TOKENS  # no
 from kdistill.errors import ConfigError, NonFiniteLossError  # noqa: E402
 from kdistill.losses import RESPONSE_LOSSES, TopKLogits  # noqa: E402
 from tests.test_lm_cache import StandInBlocks  # noqa: E402
+from tests.test_lm_core import full_twin, twin_student  # noqa: E402
 
 VOCAB = 64
 KEPT = [1, 2, 3, 5, 8, 13, 21, 34, 40, 41, 50, 63]
@@ -177,6 +178,28 @@ def test_teacher_cache_with_cached_distillation(tmp_path):
         out["loss"].backward()
         results.append((out, {n: p.grad.clone() for n, p in distiller.student.named_parameters()}))
     assert_same(*results)
+
+
+@pytest.mark.parametrize("temperature", [2.0, 4.0])
+@pytest.mark.parametrize("teacher_kind", ["live", "topk"])
+def test_a_teacher_equal_to_the_pruned_student_gives_zero_response_and_gradient(temperature, teacher_kind):
+    """The chunked loss tempers a pruned student as its full-vocabulary logits are: a teacher whose full
+    distribution is the student's gives response 0 and zero gradients at τ ≠ 1 (live teacher hidden
+    states + head, and a float64 top-k teacher keeping all |K| + 1 compact ids)."""
+    student = twin_student()
+    teacher = full_twin(student)
+    inputs, _ = batch()
+    teacher_outputs = None
+    if teacher_kind == "topk":
+        with torch.no_grad():
+            coarse = student.coarsen(teacher(**inputs).logits, temperature)
+        ids = torch.arange(len(KEPT) + 1).expand_as(coarse)
+        teacher_outputs = (TopKLogits(coarse, ids, torch.full(coarse.shape[:-1], -float("inf"))), {})
+    distiller = Distiller(teacher, student, temperature=temperature, causal_lm=True, chunk_tokens=CHUNK)
+    out, grads = step(distiller, inputs, None, teacher_outputs)  # no labels: the loss is the response alone
+    assert out["response"].dtype == torch.float64
+    assert abs(float(out["response"])) <= 1e-12
+    assert grads and all(float(g.abs().max()) <= 1e-12 for g in grads.values())
 
 
 @pytest.mark.parametrize("kind", ["llama", "pruned"])

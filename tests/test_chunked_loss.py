@@ -181,14 +181,17 @@ def naive_loss(
     mask=None,
     temperature_squared=True,
     ce_weight=1.0,
+    response_offset=None,
 ):
-    """What anyone would write: full logits, the library's response loss and CE, autograd."""
+    """What anyone would write: full logits, the library's response loss and CE, autograd; the response
+    term on ``logits + response_offset`` when an offset is given, CE on the logits as they are."""
     logits = F.linear(hidden, weight, bias)
     if isinstance(teacher, tuple) and not isinstance(teacher, losses.TopKLogits):
         teacher_weight, teacher_bias = chunked._head_parts(teacher[1])
-        teacher = F.linear(teacher[0], teacher_weight, teacher_bias).detach()
+        transform = teacher[2] if len(teacher) == 3 else (lambda z: z)
+        teacher = transform(F.linear(teacher[0], teacher_weight, teacher_bias)).detach()
     response = losses.response_loss(
-        logits,
+        logits if response_offset is None else logits + response_offset,
         teacher,
         temperature,
         labels,
@@ -324,6 +327,60 @@ def test_chunked_loss_with_a_top_k_teacher_equals_the_naive_one(temperature, wit
     got = chunked.chunked_distillation_loss(problem["hidden"], head, top, labels, chunk_size=4, **settings)
     want = naive_loss(problem["hidden"], *head, top, labels, **settings)
     compare(got, want, problem)
+
+
+OFFSET_CASES = [  # dkd: the autograd fallback; a top-k teacher supports kl only
+    *((divergence, kind) for divergence in ("kl", "jsd", "tvd", "dkd") for kind in ("logits", "hidden_and_head")),
+    ("kl", "hidden_head_transform"),
+    ("dkd", "hidden_head_transform"),
+    ("kl", "topk"),
+]
+
+
+@pytest.mark.parametrize(("divergence", "teacher_kind"), OFFSET_CASES)
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+def test_a_response_offset_shifts_the_response_logits_and_not_ce(divergence, teacher_kind, temperature, monkeypatch):
+    """``response_offset`` (V,) is added to the student's logits in the response term only (a pruned
+    student's tempered "other" column); CE, at τ = 1, reads the logits as they are. At τ = 1 too: CE
+    must not reuse the offset response's log-softmax."""
+    monkeypatch.setattr(chunked, "TEACHER_ROWS", 3)
+    monkeypatch.setattr(chunked, "BLOCK_ROWS", 2)
+    problem = make_problem(seed=25)
+    labels = problem["labels"].clone()
+    labels[[1, 6]] = -100
+    mask = torch.ones(10, dtype=torch.long)
+    mask[[0, 9]] = 0
+    offset = torch.zeros(7, dtype=torch.float64)
+    offset[-1] = 1.7  # one column, as a pruned student's (τ − 1)·log(rest)
+    teacher_logits = problem["teacher_head"](problem["teacher_hidden"]).detach()
+    teacher = {
+        "logits": teacher_logits,
+        "hidden_and_head": (problem["teacher_hidden"], problem["teacher_head"]),
+        "hidden_head_transform": (problem["teacher_hidden"], problem["teacher_head"], lambda z: 0.5 * z),
+        "topk": losses.TopKLogits.from_logits(teacher_logits, 3, temperature),
+    }[teacher_kind]
+    settings = dict(divergence=divergence, temperature=temperature, alpha=0.7, beta=1.3, mask=mask)
+    head = (problem["weight"], problem["bias"])
+    got = chunked.chunked_distillation_loss(
+        problem["hidden"], head, teacher, labels, chunk_size=4, response_offset=offset, **settings
+    )
+    want = naive_loss(problem["hidden"], *head, teacher, labels, response_offset=offset, **settings)
+    compare(got, want, problem)
+    # Without the offset the response differs: the offset is not ignored.
+    plain = naive_loss(problem["hidden"], *head, teacher, labels, **settings)
+    assert abs(plain["response"].item() - want["response"].item()) > 1e-3
+    assert got["ce"].item() == pytest.approx(plain["ce"].item(), rel=1e-12)
+
+
+def test_a_response_offset_of_another_width_is_refused():
+    problem = make_problem(seed=26)
+    with pytest.raises(ValueError, match="response_offset"):
+        chunked.chunked_distillation_loss(
+            problem["hidden"],
+            (problem["weight"], problem["bias"]),
+            problem["teacher_head"](problem["teacher_hidden"]).detach(),
+            response_offset=torch.zeros(6, dtype=torch.float64),
+        )
 
 
 @pytest.mark.parametrize("name", SECTION_6)

@@ -77,6 +77,8 @@ def test_a_topk_cache_of_corpus_blocks_with_every_token_kept_gives_the_live_resp
     # float32 logits and KL: a few hundred float32 epsilons of the loss (and of its terms' size)
     torch.testing.assert_close(got, live, rtol=200 * torch.finfo(torch.float32).eps, atol=1e-6)
     assert cache.truncation_kl_mean == 0.0 and cache.truncation_kl_max == 0.0
+    # Every id kept: no rest mass, so the top-k response is the full KL (the loss's error bound is 0).
+    assert cache.rest_mass_mean == 0.0 and cache.rest_mass_max == 0.0
 
 
 def test_the_cache_reads_kdistills_corpus_blocks(tmp_path):
@@ -112,6 +114,33 @@ def test_the_truncation_kl_is_the_hand_computed_one_over_unpadded_positions(tmp_
     assert cache.truncation_kl_mean == pytest.approx(mean, rel=1e-9)
     assert cache.truncation_kl_max == pytest.approx(largest, rel=1e-9)
     assert cache.meta["truncation_kl_mean"] == cache.truncation_kl_mean  # recorded in meta.json
+
+
+def hand_rest_mass(logits: Tensor, k: int, mask: Tensor) -> tuple[float, float]:
+    """Mean and max over unmasked positions of the teacher's mass outside its top k at τ,
+    ``r = Σ_{j ∉ top-k} softmax(z / τ)_j``, which bounds the top-k loss's error (KL − KL_topk = r·KL(Q_t ‖ Q_s))."""
+    values = []
+    for row, t in mask.nonzero().tolist():
+        p = torch.softmax(logits[row, t].double() / TAU, -1).tolist()
+        values.append(sum(sorted(p, reverse=True)[k:]))
+    return sum(values) / len(values), max(values)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_the_rest_mass_is_the_hand_computed_one_over_unpadded_positions(tmp_path, k):
+    teacher, data = tiny_llama(seed=0), blocks(padded=True)  # float64 teacher
+    cache = build(tmp_path, teacher, data, k)
+    mean, largest = hand_rest_mass(live_logits(teacher, data), k, data.mask)
+    assert 0 < mean < largest < 1
+    assert cache.rest_mass_mean == pytest.approx(mean, rel=1e-9)
+    assert cache.rest_mass_max == pytest.approx(largest, rel=1e-9)
+    assert (cache.meta["rest_mass_mean"], cache.meta["rest_mass_max"]) == (cache.rest_mass_mean, cache.rest_mass_max)
+
+
+def test_a_float_storage_cache_records_no_rest_mass(tmp_path):
+    data = blocks()
+    cache = TeacherCache.build(tmp_path / "dense", tiny_llama(seed=0).float(), data, storage="float16", progress=False)
+    assert cache.rest_mass_mean is None and cache.rest_mass_max is None
 
 
 def test_bytes_per_token_is_what_the_files_hold(tmp_path):

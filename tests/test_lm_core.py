@@ -327,12 +327,15 @@ def test_distiller_with_pruned_student_matches_the_coarsened_kl_and_compact_ce()
         out = distiller(inputs, labels)
     positions = scored(labels, inputs["attention_mask"])
     s, t = logits_of(student, inputs), logits_of(teacher, inputs)
+    full_s = student.full_log_probs(s)  # the student's full-vocabulary distribution, tempered like the teacher's
     dropped = [v for v in range(VOCAB) if v not in KEPT]
     values = []
     for i, j in positions:
         p = softmax64(t[i, j], 2.0)
+        q = softmax64(full_s[i, j], 2.0)
         coarse = [p[v] for v in KEPT] + [sum(p[v] for v in dropped)]
-        values.append(kl(coarse, softmax64(s[i, j], 2.0)))
+        coarse_s = [q[v] for v in KEPT] + [sum(q[v] for v in dropped)]
+        values.append(kl(coarse, coarse_s))
     assert float(out["response"]) == pytest.approx(4.0 * sum(values) / len(values), abs=1e-12)
     # CE on compact labels = the full-vocabulary NLL, less log(rest) for each label outside K.
     nll = -student.log_probs(s[:, :-1], labels[:, 1:])
@@ -342,6 +345,85 @@ def test_distiller_with_pruned_student_matches_the_coarsened_kl_and_compact_ce()
         positions
     )
     assert float(out["ce"]) == pytest.approx(expected, abs=1e-12)
+
+
+def full_twin(student: PrunedVocabulary) -> nn.Module:
+    """A full-vocabulary teacher whose logits are the pruned student's full-vocabulary logits: every
+    id reads (embedding and head row) the compact row ``student.compact`` maps it to, and each dropped
+    id's logit is ``z_other − log(rest)``, so its softmax is ``student.full_log_probs`` exactly."""
+    twin = copy.deepcopy(student.model)
+    embedding, head = twin.get_input_embeddings(), twin.get_output_embeddings()
+    table, dropped = student.table, torch.isin(torch.arange(VOCAB), student.kept, invert=True)
+    with torch.no_grad():
+        full_embedding = nn.Embedding(VOCAB, embedding.embedding_dim, dtype=embedding.weight.dtype)
+        full_embedding.weight.copy_(embedding.weight[table])
+        full_head = nn.Linear(head.in_features, VOCAB, bias=True, dtype=head.weight.dtype)
+        full_head.weight.copy_(head.weight[table])
+        bias = head.bias[table] if head.bias is not None else torch.zeros(VOCAB, dtype=head.weight.dtype)
+        other = student.other_bias - math.log(student.rest)
+        full_head.bias.copy_(torch.where(dropped, bias + other, bias))
+    twin.set_input_embeddings(full_embedding)
+    twin.set_output_embeddings(full_head)
+    return twin.eval()
+
+
+def twin_student(seed: int = 1) -> PrunedVocabulary:
+    """A pruned student with ``other_bias`` moved off its initial ``log(rest)``."""
+    student = pruned(seed)[1]
+    with torch.no_grad():
+        student.other_bias.add_(0.4)
+    return student
+
+
+def test_the_full_twin_teacher_has_the_pruned_students_full_distribution():
+    student = twin_student()
+    inputs, _ = batch(seed=3)
+    teacher = full_twin(student)
+    got = torch.log_softmax(logits_of(teacher, inputs), -1)
+    torch.testing.assert_close(got, student.full_log_probs(logits_of(student, inputs)), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0, 4.0])
+@pytest.mark.parametrize("teacher_kind", ["live", "topk"])
+def test_a_teacher_equal_to_the_pruned_student_gives_zero_response_at_every_temperature(temperature, teacher_kind):
+    """The student is tempered as its full-vocabulary logits are (spec section 6): a teacher whose full
+    distribution is the student's scores 0 at any τ, live or from a top-k cache keeping all |K| + 1 ids."""
+    student = twin_student()
+    teacher = full_twin(student)
+    inputs, labels = batch(seed=3)
+    distiller = Distiller(teacher, student, temperature=temperature, temperature_squared=False)
+    with torch.no_grad():
+        if teacher_kind == "live":
+            out = distiller(inputs, labels)
+        else:
+            # k = |K| + 1 keeps every compact id, so the rest's mass is 0; built in float64 (from_logits
+            # stores float32 values, as a cache does, which would bound the check at float32 rounding).
+            coarse = student.coarsen(logits_of(teacher, inputs), temperature)
+            ids = torch.arange(len(KEPT) + 1).expand_as(coarse)
+            topk = TopKLogits(coarse, ids, torch.full(coarse.shape[:-1], -math.inf, dtype=torch.float64))
+            out = CachedDistillation(distiller, _Cache(topk))(inputs, labels, index=torch.arange(3))
+        plain = Distiller(teacher, student, temperature=1.0)(inputs, labels)
+    assert out["response"].dtype == torch.float64
+    assert abs(float(out["response"])) <= 1e-12
+    assert float(out["ce"]) == pytest.approx(float(plain["ce"]), abs=1e-12)  # CE stays at τ = 1
+
+
+def test_tempered_adds_tau_minus_one_log_rest_to_other_only():
+    _, student = pruned()
+    assert student.tempered_offset(1.0) is None
+    logits = random_compact_logits()
+    assert student.tempered(logits, 1.0) is logits
+    full = student.full_log_probs(logits)
+    dropped = [v for v in range(VOCAB) if v not in KEPT]
+    for temperature in (0.5, 3.0):
+        offset = student.tempered_offset(temperature)
+        assert offset[:-1].abs().max() == 0
+        assert float(offset[-1]) == pytest.approx((temperature - 1) * math.log(VOCAB - len(KEPT)), abs=1e-15)
+        tempered = student.tempered(logits, temperature)
+        for i, j in [(0, 0), (2, 3)]:
+            p = softmax64(full[i, j], temperature)
+            by_hand = [p[v] for v in KEPT] + [sum(p[v] for v in dropped)]
+            assert softmax64(tempered[i, j], temperature) == pytest.approx(by_hand, abs=1e-13)
 
 
 def test_a_top_k_cache_of_coarsened_logits_gives_the_live_response():

@@ -15,8 +15,15 @@ Language-model corpora (:class:`kdistill.corpus.CorpusBlocks`: fixed-length toke
 the input ids) are cached per token like any token inputs; their ``digest()`` is the data's
 fingerprint. A pruned-vocabulary student compares itself with its teacher coarsened to the kept ids
 plus "other": ``build(coarsen=…, coarsen_id=…)`` stores the coarsened logits, and ``coarsen_id`` joins
-the fingerprint, so a cache made for another vocabulary is stale. Top-k storage records its
-truncation error (``truncation_kl_mean`` / ``truncation_kl_max``) and ``bytes_per_token``.
+the fingerprint, so a cache made for another vocabulary is stale. Top-k storage records, over the
+cached positions, the teacher's rest mass ``r`` outside its top k at ``τ`` (``rest_mass_mean`` /
+``rest_mass_max``): what bounds the loss's error, since the top-k response term is the full KL less
+``r·KL(Q_t ‖ Q_s)`` (``Q`` the distributions renormalised over the ids outside the top k; see
+:func:`kdistill.losses.topk_kl_rows`), an error between 0 and ``r`` times a student-dependent KL.
+It also records ``truncation_kl_mean`` / ``truncation_kl_max``, the KL from the teacher to its
+uniform-rest reconstruction (:func:`truncation_kl`): how far the stored entries are from the teacher
+if the rest's mass is spread uniformly, a property of the teacher alone and NOT a bound on the loss's
+error. And ``bytes_per_token``.
 
 The fingerprint (a hash of the teacher's weights, the dataset's inputs and labels, the
 augmentation, the cached layers, the storage type and any coarsening) is checked on opening: a stale
@@ -222,9 +229,19 @@ class TeacherCache:
 
         ``storage``: ``float16`` or ``float32`` logits, or ``topk``: the ``topk`` largest logits and the
         log of the remaining probability mass at ``temperature`` (see :func:`kdistill.losses.topk_kl_rows`
-        for the approximation this makes to the KL and its error bound). Top-k storage records the
-        truncation error in ``meta.json`` (see :func:`truncation_kl`): its mean and max over every cached
-        position (token positions with attention mask 0 left out).
+        for the approximation this makes to the KL). Top-k storage records in ``meta.json``, as mean and
+        max over every cached position (token positions with attention mask 0 left out):
+
+        * ``rest_mass_mean`` / ``rest_mass_max``: the teacher's mass ``r`` outside its top k at ``τ``.
+          It bounds the loss's error: ``0 ≤ KL − KL_topk = r·KL(Q_t ‖ Q_s)`` (``Q`` renormalised over
+          the ids outside the top k), ``r`` times a KL that depends on the student.
+        * ``truncation_kl_mean`` / ``truncation_kl_max``: the KL from the teacher to its uniform-rest
+          reconstruction (:func:`truncation_kl`); it describes the teacher alone and is no bound on
+          the loss's error.
+
+        The teacher runs as it is given, without autocast: ``distill.teacher_precision`` (the Distiller's
+        ``teacher_dtype``) does not apply to a cache build, so a float32 teacher's cache holds float32
+        teacher outputs (then stored as ``storage`` says) even when a live teacher would run in bf16/fp16.
 
         ``coarsen``: applied to the teacher's logits ``(..., V)`` before they are stored (whatever the
         storage), e.g. ``lambda z: pruned.coarsen(z, τ)`` for a pruned-vocabulary student; the cache then
@@ -369,7 +386,9 @@ class TeacherCache:
 
     @property
     def truncation_kl_mean(self) -> float | None:
-        """Top-k storage: the mean over cached positions of :func:`truncation_kl` (``None`` otherwise)."""
+        """Top-k storage: the mean over cached positions of :func:`truncation_kl`, the KL from the teacher
+        to its uniform-rest reconstruction (``None`` otherwise). Not a bound on the loss's error: see
+        :attr:`rest_mass_max`."""
         return self.meta.get("truncation_kl_mean")
 
     @property
@@ -377,13 +396,28 @@ class TeacherCache:
         """Top-k storage: the largest :func:`truncation_kl` of any cached position (``None`` otherwise)."""
         return self.meta.get("truncation_kl_max")
 
+    @property
+    def rest_mass_mean(self) -> float | None:
+        """Top-k storage: the mean over cached positions of the teacher's mass ``r`` outside its top k
+        at ``τ`` (``None`` otherwise, and for caches built before it was recorded)."""
+        return self.meta.get("rest_mass_mean")
+
+    @property
+    def rest_mass_max(self) -> float | None:
+        """Top-k storage: the largest rest mass ``r`` of any cached position (``None`` otherwise). The
+        top-k response term at a position is the full KL less ``r·KL(Q_t ‖ Q_s)`` (see the module
+        docstring), so the loss's error is at most this times the student's KL on the rest."""
+        return self.meta.get("rest_mass_max")
+
 
 def truncation_kl(logits: Tensor, indices: Tensor, temperature: float) -> Tensor:
-    """``KL(P ‖ P̂)`` per position, float64: what keeping only the top k loses.
+    """``KL(P ‖ P̂)`` per position, float64: the KL from the teacher to its uniform-rest reconstruction.
 
     ``P = softmax(logits / τ)`` over ``C`` entries; ``P̂`` keeps P on the top-k ids ``indices`` and
     spreads the rest's mass ``r`` uniformly over the other ``C − k``:
-    ``KL = Σ_{j ∉ top-k} p_j · log(p_j (C − k) / r)`` (0 when ``k = C`` or ``r = 0``).
+    ``KL = Σ_{j ∉ top-k} p_j · log(p_j (C − k) / r)`` (0 when ``k = C`` or ``r = 0``). It measures the
+    teacher alone; it is NOT a bound on the top-k loss's error, which is ``r·KL(Q_t ‖ Q_s)`` and depends
+    on the student (see :func:`rest_mass` and :func:`kdistill.losses.topk_kl_rows`).
 
     Args:
         logits: ``(R, C)``.
@@ -402,11 +436,30 @@ def truncation_kl(logits: Tensor, indices: Tensor, temperature: float) -> Tensor
     return torch.where(log_p > float("-inf"), terms, 0.0).sum(-1)  # 0 · log 0 = 0
 
 
+def rest_mass(logits: Tensor, indices: Tensor, temperature: float) -> Tensor:
+    """The teacher's mass outside its top k, ``r = Σ_{j ∉ top-k} softmax(logits / τ)_j``, per position.
+
+    What bounds the top-k loss's error: ``0 ≤ KL(P_t ‖ P_s) − KL_topk = r·KL(Q_t ‖ Q_s)``, with ``Q``
+    the distributions renormalised over the ids outside the top k (:func:`kdistill.losses.topk_kl_rows`).
+
+    Args:
+        logits: ``(R, C)``.
+        indices: ``(R, k)`` the top-k ids of each row.
+        temperature: ``τ > 0``.
+
+    Returns:
+        ``(R,)`` float64; 0 when ``k = C``.
+    """
+    log_p = torch.log_softmax(logits.double() / temperature, -1).scatter(-1, indices, float("-inf"))
+    return log_p.logsumexp(-1).exp()  # logsumexp of k = C entries, all −inf, is −inf: r = 0
+
+
 class _Truncation:
-    """Running mean and max of :func:`truncation_kl` over the positions a build caches."""
+    """Running means and maxima of :func:`truncation_kl` and :func:`rest_mass` over the positions a build caches."""
 
     def __init__(self) -> None:
         self.total, self.count, self.largest = 0.0, 0, 0.0
+        self.rest_total, self.rest_largest = 0.0, 0.0
 
     def add(self, logits: Tensor, indices: Tensor, temperature: float, mask: Tensor | None) -> None:
         """``logits`` ``(..., C)`` and their top-k ``indices`` ``(..., k)``; positions where ``mask``
@@ -419,11 +472,20 @@ class _Truncation:
             kl = truncation_kl(rows[start : start + TRUNCATION_ROWS], ids[start : start + TRUNCATION_ROWS], temperature)
             self.total += float(kl.sum())
             self.largest = max(self.largest, float(kl.max()))
+            rest = rest_mass(rows[start : start + TRUNCATION_ROWS], ids[start : start + TRUNCATION_ROWS], temperature)
+            self.rest_total += float(rest.sum())
+            self.rest_largest = max(self.rest_largest, float(rest.max()))
         self.count += rows.shape[0]
 
     def summary(self) -> dict[str, float | None]:
-        mean = self.total / self.count if self.count else None
-        return {"truncation_kl_mean": mean, "truncation_kl_max": self.largest if self.count else None}
+        if not self.count:
+            return dict.fromkeys(("truncation_kl_mean", "truncation_kl_max", "rest_mass_mean", "rest_mass_max"))
+        return {
+            "truncation_kl_mean": self.total / self.count,
+            "truncation_kl_max": self.largest,
+            "rest_mass_mean": self.rest_total / self.count,
+            "rest_mass_max": self.rest_largest,
+        }
 
 
 def _refuse_a_file(directory: Path) -> None:

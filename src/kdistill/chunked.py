@@ -286,6 +286,7 @@ class _Settings(NamedTuple):
     response_scale: float  # ∂ loss / ∂ (sum over counted rows of D): β·α·τ² / count (τ² if asked)
     ce_scale: float  # ∂ loss / ∂ (sum of CE rows): ce_weight / count, 0 without labels
     needs_gradient: bool
+    response_offset: Tensor | None = None  # (V,) added to the student's logits in the response term only
 
 
 def _scaled(logits: Tensor, temperature: float) -> Tensor:
@@ -302,23 +303,28 @@ def _block(
         student_logits: ``(b, V)``, overwritten with ``∂ loss / ∂ z_s`` when gradients are needed.
         teacher: ``(b, V)`` logits, top-k rows, or None (no teacher: CE only); labels: ``(b,)`` or None.
 
+    The response term reads ``z_s + settings.response_offset`` when there is an offset; a constant
+    shift of the logits leaves the gradient's form as it is (``∂/∂z_s = ∂/∂(z_s + offset)``). CE reads ``z_s``.
+
     Returns:
         ``(Σ_rows D, Σ_rows CE)``, float64 scalars.
     """
-    temperature, divergence = settings.temperature, settings.divergence
+    temperature, divergence, offset = settings.temperature, settings.divergence, settings.response_offset
     gradient = log_p_student = None
+    # The response term's logits: a (b, V) copy only when there is an offset (a pruned student at τ ≠ 1).
+    response_logits = student_logits if offset is None or teacher is None else student_logits + offset
     if teacher is None:  # cross-entropy only: no divergence, no response gradient
         rows = student_logits.new_zeros(1)
     elif isinstance(teacher, losses.TopKLogits):
-        log_p_student = F.log_softmax(_scaled(student_logits, temperature), -1)
+        log_p_student = F.log_softmax(_scaled(response_logits, temperature), -1)
         rows, gradient = _topk_kl_gradient(log_p_student, teacher, temperature)
     elif divergence.gradient is not None:
-        log_p_student = F.log_softmax(_scaled(student_logits, temperature), -1)
+        log_p_student = F.log_softmax(_scaled(response_logits, temperature), -1)
         log_p_teacher = F.log_softmax(_scaled(teacher, temperature), -1)
         rows, gradient = divergence.gradient(log_p_student, log_p_teacher, **divergence.parameters)
     else:  # any other row-wise loss: autograd on this block only, so its graph is (b, V) at most
         with torch.enable_grad():
-            block = student_logits.detach().requires_grad_()
+            block = response_logits.detach().requires_grad_()
             keywords = {"labels": labels} if labels is not None and losses.accepts_labels(divergence.function) else {}
             total = divergence.function(block, teacher, temperature, **keywords) * block.shape[0]
             (gradient,) = torch.autograd.grad(total, block) if settings.needs_gradient else (None,)
@@ -327,8 +333,9 @@ def _block(
     response_sum = rows.sum(dtype=torch.float64)
     ce_sum = response_sum.new_zeros(())
     if labels is not None:
-        # CE is at τ = 1: reuse the divergence's log-softmax when τ is 1.
-        log_p_one = log_p_student if temperature == 1 and log_p_student is not None else None
+        # CE is at τ = 1 on the logits without offset: reuse the divergence's log-softmax when it is that.
+        reusable = temperature == 1 and log_p_student is not None and response_logits is student_logits
+        log_p_one = log_p_student if reusable else None
         log_p_one = F.log_softmax(student_logits, -1) if log_p_one is None else log_p_one
         ce_sum = -log_p_one.gather(-1, labels[:, None]).sum(dtype=torch.float64)
     if settings.needs_gradient:  # the logits are read for the last time: write the gradient over them
@@ -377,6 +384,8 @@ class _ChunkedLoss(torch.autograd.Function):
     ) -> tuple[Tensor, Tensor, Tensor]:
         dtype = torch.float64 if torch.float64 in (student_hidden.dtype, weight.dtype) else torch.float32
         hidden, head_weight = student_hidden.to(dtype), weight.to(dtype)
+        if settings.response_offset is not None:  # in the logits' dtype: a float64 offset would promote them
+            settings = settings._replace(response_offset=settings.response_offset.to(hidden))
         head_bias = None if bias is None else bias.to(dtype)
         wants = ctx.needs_input_grad[:3] if settings.needs_gradient else (False, False, False)
         grad_hidden = torch.zeros_like(hidden) if wants[0] else None
@@ -464,6 +473,7 @@ def chunked_distillation_loss(
     mask: Tensor | None = None,
     temperature_squared: bool = True,
     ce_weight: float = 1.0,
+    response_offset: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """The Distiller's ``loss``, ``ce`` and ``response`` from hidden states and heads, chunk by chunk.
 
@@ -497,6 +507,12 @@ def chunked_distillation_loss(
         ce_weight: ``w ≥ 0``, the weight of CE in ``loss`` and in its gradient. 0 leaves CE out of the
             loss (e.g. on-policy batches: the student's likelihood of its own samples is no target)
             while the labels still select the scored rows and ``ce`` is still reported.
+        response_offset: ``(V,)`` constants added to every row of the student's logits in the response
+            term only (CE reads the logits as they are), e.g. a pruned student's
+            :meth:`kdistill.vocabulary.PrunedVocabulary.tempered_offset`, which tempers its "other"
+            column as its full-vocabulary logits are tempered. None: no offset. Every divergence path
+            (analytic, top-k, autograd fallback) reads the shifted logits; the gradient w.r.t. the
+            logits is the one w.r.t. the shifted logits, a constant offset having derivative 1.
 
     Half and bfloat16 inputs are computed in float32 (a float32 copy of the head, ``(V, H)``); the
     gradients come back in the inputs' dtypes.
@@ -524,6 +540,11 @@ def chunked_distillation_loss(
     if isinstance(teacher, losses.TopKLogits) and resolved.function is not losses.kl_divergence:
         raise ConfigError("a top-k teacher supports the kl response loss only")
     count_rows, vocabulary = student_hidden.shape[0], weight.shape[0]
+    if response_offset is not None and tuple(response_offset.shape) != (vocabulary,):
+        raise ValueError(
+            f"response_offset has shape {tuple(response_offset.shape)}, the student head predicts "
+            f"{vocabulary} classes: it must be ({vocabulary},)"
+        )
     teacher_rows = _Teacher(teacher, count_rows, vocabulary)
     keep = losses._kept(labels, ignore_index, mask)
     if keep is not None and keep.numel() != count_rows:
@@ -544,6 +565,7 @@ def chunked_distillation_loss(
         ce_scale=0.0 if labels is None else ce_weight / count,
         needs_gradient=torch.is_grad_enabled()
         and any(part is not None and part.requires_grad for part in (student_hidden, weight, bias)),
+        response_offset=None if response_offset is None else response_offset.detach(),
     )
     # Under autocast the chunk's matmuls would come out in bf16/fp16 beside float32 gradients: the
     # loss keeps its own precision rule (half inputs computed in float32), whatever the caller's autocast.

@@ -149,6 +149,10 @@ class Distiller(nn.Module):
     ``log(rest)``, so the gradient is the full-vocabulary one. A live teacher's logits (and cached
     dense ones with ``V`` columns) are coarsened with ``student.coarsen(·, τ)``; a cached
     :class:`~kdistill.losses.TopKLogits` is taken as already coarsened (its indices compact ids).
+    The response term tempers the student as its full-vocabulary logits are, ``softmax(z_full / τ)``
+    coarsened to ``K ∪ {other}``: its compact logits plus ``(τ − 1)·log(rest)`` on "other"
+    (:meth:`~kdistill.vocabulary.PrunedVocabulary.tempered`), so a teacher whose full distribution is
+    the student's scores 0 at any τ. CE, at ``τ = 1``, reads the compact logits as they are.
 
     Chunked loss (``chunk_tokens``): the student and a live teacher run with their output heads
     (``get_output_embeddings()``, an ``nn.Linear``) bypassed: each head's input, the final hidden
@@ -497,7 +501,7 @@ class Distiller(nn.Module):
             # α = 0: report L_resp (spec section 2) without building a graph for a zero-weight term.
             with torch.no_grad() if self.alpha == 0 else nullcontext():
                 response = losses.response_loss(
-                    scored_logits,
+                    self._response_logits(scored_logits),
                     scored_teacher,
                     self.temperature,
                     scored_labels,
@@ -527,6 +531,13 @@ class Distiller(nn.Module):
             if weighted_ce is not None:
                 total = total + weighted_ce
         return self._output(total, ce, response, feature, terms, student_logits)
+
+    def _response_logits(self, logits: Tensor) -> Tensor:
+        """The student's ``(..., C)`` logits as the response term reads them: a pruned-vocabulary
+        student's tempered as its full-vocabulary logits are (:meth:`PrunedVocabulary.tempered`, which
+        adds ``(τ − 1)·log(rest)`` to "other"), any other student's as they are. CE reads them untouched."""
+        student = self.student
+        return student.tempered(logits, self.temperature) if isinstance(student, PrunedVocabulary) else logits
 
     def compute_chunked_losses(
         self,
@@ -576,6 +587,8 @@ class Distiller(nn.Module):
         elif shifted_teacher is not None:
             flat_teacher = shifted_teacher.reshape(rows, shifted_teacher.shape[-1])
         flat_mask = scored_mask.reshape(-1) if _is_token_mask(scored_mask, hidden) else None
+        # A pruned student is tempered as its full-vocabulary logits are (see _response_logits).
+        offset = student.tempered_offset(self.temperature) if isinstance(student, PrunedVocabulary) else None
         values = chunked.chunked_distillation_loss(
             hidden.reshape(rows, hidden.shape[-1]),
             _student_head(student),
@@ -590,6 +603,7 @@ class Distiller(nn.Module):
             mask=flat_mask,
             temperature_squared=self.temperature_squared,
             ce_weight=ce_weight,
+            response_offset=offset,
         )
         feature, terms = self._feature_terms(student_hidden, student_features, teacher_features, mask)
         # chunked's loss is β·α·L_resp + w·L_CE (just w·L_CE when α = 0 or there is no teacher): add β·L_feat.

@@ -133,6 +133,31 @@ class PrunedVocabulary(nn.Module):
         other = temperature * (logits.index_select(-1, self.dropped) / temperature).logsumexp(-1, keepdim=True)
         return torch.cat([kept, other], -1)
 
+    def tempered_offset(self, temperature: float) -> Tensor | None:
+        """The ``(|K| + 1,)`` offset that tempers compact logits as the full-vocabulary ones are, or
+        None at ``τ = 1`` (no offset).
+
+        Convention: the student is tempered as its FULL-vocabulary logits are. Its full logit of each
+        dropped id is ``z_other − log(rest)``; coarsening ``softmax(z_full / τ)`` to ``K ∪ {other}``
+        gives "other" the compact logit ``z_other + (τ − 1)·log(rest)``, so the offset is 0 on the
+        kept columns and ``(τ − 1)·log(rest)`` on "other". Tempering the compact ``|K| + 1`` softmax
+        directly would leave it out (at ``τ = 2`` a student equal to its teacher would not score 0).
+        Float64 on the model's device; the caller casts it to its logits' dtype.
+        """
+        if temperature == 1:
+            return None
+        offset = torch.zeros(self.other + 1, dtype=torch.float64, device=self.kept.device)
+        offset[self.other] = (temperature - 1) * math.log(self.rest)
+        return offset
+
+    def tempered(self, logits: Tensor, temperature: float) -> Tensor:
+        """Compact logits ``(..., |K| + 1)`` → ``(..., |K| + 1)`` such that ``softmax(out / τ)`` is the
+        student's full-vocabulary distribution tempered at ``τ``, ``softmax(z_full / τ)``, coarsened to
+        ``K ∪ {other}``: ``logits`` plus :meth:`tempered_offset` (the same tensor at ``τ = 1``). The
+        student's counterpart of :meth:`coarsen`; the response term reads it, CE (at ``τ = 1``) does not."""
+        offset = self.tempered_offset(temperature)
+        return logits if offset is None else logits + offset.to(dtype=logits.dtype, device=logits.device)
+
     def log_probs(self, logits: Tensor, ids: Tensor) -> Tensor:
         """Full-vocabulary ``log p_s(ids)`` at ``τ = 1``: compact logits ``(..., |K| + 1)`` and FULL
         ids ``(...)`` → ``(...)``, ``log p_s(other) − log(rest)`` for ids outside K. Negative ids
