@@ -8,6 +8,7 @@ Tiny random BERT and Llama models, CPU, nothing downloaded.
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -363,3 +364,100 @@ def test_importing_the_integration_keeps_the_core_import_light() -> None:
     )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+# -- the chunked loss (chunk_tokens) for causal-LM students --------------------------------------------
+
+
+def llama_trainer(tmp_path: Path, *, settings: dict[str, Any] | None = None, **trainer_kwargs: Any) -> Any:
+    """The Llama pair with its feature pair, a held-out eval set, ``settings`` for the
+    ``TrainingArguments`` and ``trainer_kwargs`` (``chunk_tokens``, ...)."""
+    make_student, make_teacher, pair = MODELS["llama"]
+    return InOrder(
+        model=make_student(),
+        teacher=make_teacher(),
+        feature_pairs=[pair],
+        args=arguments(tmp_path / "hf", **(settings or {})),
+        train_dataset=examples("llama"),
+        eval_dataset=examples("llama", count=4, seed=2),
+        data_collator=transformers.default_data_collator,
+        **SETTINGS,
+        **trainer_kwargs,
+    )
+
+
+def test_chunk_tokens_reaches_the_distiller(tmp_path: Path) -> None:
+    assert llama_trainer(tmp_path / "four", chunk_tokens=4).distiller.chunk_size == 4
+    # The default is "auto": off below the vocabulary size that pays (this one has 40 ids).
+    default = llama_trainer(tmp_path / "auto")
+    assert default.distiller.chunk_tokens == "auto" and default.distiller.chunk_size is None
+    assert llama_trainer(tmp_path / "off", chunk_tokens=None).distiller.chunk_size is None
+
+
+def test_chunked_loss_gives_the_unchunked_per_step_losses(tmp_path: Path) -> None:
+    # Float64 models: the chunked and full losses differ by float64 rounding only, over 4 Adam updates.
+    full = llama_trainer(tmp_path / "full", chunk_tokens=None)
+    chunked = llama_trainer(tmp_path / "chunked", chunk_tokens=4)  # 4 of the batch's 2 x 7 scored positions
+    chunked.distiller.adapters.load_state_dict(full.distiller.adapters.state_dict())
+    full.train()
+    chunked.train()
+    steps = {name: logged_steps(trainer) for name, trainer in (("full", full), ("chunked", chunked))}
+    assert len(steps["full"]) == len(steps["chunked"]) == 4
+    for term in ("ce", "response", "feature"):  # the terms are logged as float64 means
+        got = torch.tensor([entry[term] for entry in steps["chunked"]], dtype=torch.float64)
+        expected = torch.tensor([entry[term] for entry in steps["full"]], dtype=torch.float64)
+        torch.testing.assert_close(got, expected, rtol=1e-9, atol=0.0)
+    # The logged loss went through HF's float32 accumulator on both sides.
+    assert [e["loss"] for e in steps["chunked"]] == pytest.approx([e["loss"] for e in steps["full"]], rel=1e-6)
+    for name, value in chunked.model.state_dict().items():
+        torch.testing.assert_close(value, full.model.state_dict()[name], rtol=1e-9, atol=1e-12)
+
+
+def test_evaluate_with_the_chunked_loss_gives_the_loss_alone(tmp_path: Path) -> None:
+    full = llama_trainer(tmp_path / "full", chunk_tokens=None)
+    chunked = llama_trainer(tmp_path / "chunked", chunk_tokens=4)
+    chunked.distiller.adapters.load_state_dict(full.distiller.adapters.state_dict())
+    got, expected = chunked.evaluate(), full.evaluate()
+    assert math.isfinite(got["eval_loss"])
+    # HF averages the batches' losses in float32.
+    assert got["eval_loss"] == pytest.approx(expected["eval_loss"], rel=1e-6)
+    # No logits under chunking: predict() returns the loss and no predictions (see prediction_step).
+    prediction = chunked.predict(examples("llama", count=4, seed=2))
+    assert prediction.predictions is None
+    assert prediction.metrics["test_loss"] == pytest.approx(expected["eval_loss"], rel=1e-6)
+
+
+def test_compute_metrics_needs_logits_so_it_turns_auto_chunking_off(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kdistill.distiller
+
+    monkeypatch.setattr(kdistill.distiller, "AUTO_CHUNK_VOCABULARY", VOCAB)  # "auto" chunks this vocabulary
+    assert llama_trainer(tmp_path / "auto").distiller.chunk_size is not None
+
+    def metrics(prediction: Any) -> dict[str, float]:
+        logits = torch.as_tensor(prediction.predictions)
+        return {"logit_rows": float(logits.shape[0] * logits.shape[1])}
+
+    trainer = llama_trainer(tmp_path / "metrics", compute_metrics=metrics)
+    assert trainer.distiller.chunk_size is None
+    assert trainer.evaluate()["eval_logit_rows"] == 4 * TOKENS
+    with pytest.raises(ConfigError, match="compute_metrics"):
+        llama_trainer(tmp_path / "explicit", compute_metrics=metrics, chunk_tokens=4)
+
+
+def test_chunked_loss_under_gradient_checkpointing_gives_the_plain_runs_losses(tmp_path: Path) -> None:
+    # The chunked loss computes its gradients in the forward pass; the checkpointed blocks run again
+    # during backward, the head (bypassed) does not.
+    plain = llama_trainer(tmp_path / "plain", chunk_tokens=4)
+    plain.train()
+    name = (
+        "activation_checkpointing"
+        if hasattr(transformers.TrainingArguments, "activation_checkpointing")
+        else ("gradient_checkpointing")
+    )
+    checkpointed = llama_trainer(tmp_path / "checkpointed", chunk_tokens=4, settings={name: True})
+    checkpointed.train()
+    flag = getattr(checkpointed.model, "is_activation_checkpointing", None)
+    assert flag if flag is not None else checkpointed.model.is_gradient_checkpointing
+    assert [e["loss"] for e in logged_steps(checkpointed)] == pytest.approx([e["loss"] for e in logged_steps(plain)])

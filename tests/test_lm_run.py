@@ -163,6 +163,41 @@ def test_the_report_perplexity_is_the_saved_students(finished: Path) -> None:
     assert value == pytest.approx(report["student"]["perplexity"], rel=1e-5)
 
 
+def test_the_report_has_the_teachers_nll_of_each_models_own_samples(finished: Path) -> None:
+    """On-policy evaluation reaches the report: the teacher's NLL of what each model samples after
+    held-out prompts (the teacher's own samples as the reference), the same numbers a fresh
+    measurement of the saved models gives."""
+    from kdistill.corpus import TokenCorpus
+
+    report = json.loads((finished / "report.json").read_text())
+    for name in ("teacher", "baseline", "student"):
+        value = report[name]["teacher_nll_of_samples"]
+        assert math.isfinite(value) and value > 0, (name, value)
+    setting = report["on_policy_eval"]
+    config = from_dict(read_yaml(finished / "config.yaml"))
+    # The default prompt_tokens (32) does not fit a 16-token block: the prompts are the block's first 15.
+    assert setting["prompt_tokens"] == config.data.block_size - 1
+    assert setting["max_new_tokens"] == config.distill.max_new_tokens
+    assert 1 <= setting["prompts"] <= lm_run.ON_POLICY_PROMPTS
+    text = (finished / "report.md").read_text()
+    assert "NLL of its own samples" in text and f"{report['student']['teacher_nll_of_samples']:.3f}" in text
+
+    models = {name: lm_run.load_run_model(finished, name)[0] for name in ("teacher", "baseline", "student")}
+    tokenizer = lm_run.load_run_model(finished, "teacher")[1]
+    corpus = TokenCorpus.build(
+        config.data.path,
+        tokenizer,
+        finished.parent / "corpus-nll-check",
+        block_size=config.data.block_size,
+        validation_fraction=config.data.validation_fraction,
+        test_fraction=config.data.test_fraction,
+    )
+    again = lm_run.teacher_nll_of_own_samples(models, models["teacher"], corpus.split("test"), config, corpus.eos_id)
+    for name, model_value in again.items():
+        # float32 forward passes of the same weights, the same seeded samples: equal to float32 rounding.
+        assert model_value == pytest.approx(report[name]["teacher_nll_of_samples"], rel=1e-5), name
+
+
 def test_config_yaml_round_trips(finished: Path, lm_files: dict[str, Path]) -> None:
     saved = read_yaml(finished / "config.yaml")
     config = from_dict(saved)
@@ -375,6 +410,9 @@ def test_an_on_policy_run_finishes_and_writes_its_report(lm_files, tmp_path, mon
     assert all(1 <= r["generated_tokens"] <= 4 for r in on_policy)  # up to max_new_tokens each
     assert not any("generated_tokens" in r for r in records["baseline"])
     assert from_dict(read_yaml(out / "config.yaml")).distill.on_policy == 0.5
+    # The report's on-policy measure samples as training did: 4-token prompts, up to 4 new tokens.
+    assert report["on_policy_eval"]["prompt_tokens"] == 4 and report["on_policy_eval"]["max_new_tokens"] == 4
+    assert all(math.isfinite(report[name]["teacher_nll_of_samples"]) for name in ("baseline", "student"))
 
 
 def test_a_chunked_on_policy_run_finishes(lm_files, tmp_path, monkeypatch) -> None:

@@ -239,7 +239,14 @@ class DistillConfig:
     ``on_policy`` is λ, the probability that a batch is on-policy (0: never, the default); such a batch's
     prompts are the first ``prompt_tokens`` tokens of each block (fewer than ``data.block_size``), the
     student samples ``max_new_tokens`` tokens after each at ``sampling_temperature`` with nucleus
-    ``top_p``, and the live teacher scores them. The baseline is never on-policy."""
+    ``top_p``, and the live teacher scores them. The baseline is never on-policy.
+
+    GKD-style training (on-policy batches with GKD's default divergence, the generalized JSD with
+    β = 0.5, which ``jsd`` is): set ``on_policy`` > 0 and ``response_loss: jsd``, and keep the
+    teacher's full distribution for the off-policy batches: ``cache_storage: float16`` (a cache of
+    2 bytes per kept id per token) or ``teacher_cache: off`` (a live teacher forward per step). The
+    defaults stay ``kl`` and, for language-model runs, the top-k cache, which serves ``kl`` only and
+    refuses ``jsd``."""
 
     alpha: float = 1.0
     beta: float = 1.0

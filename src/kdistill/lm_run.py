@@ -56,6 +56,7 @@ CONTINUATION_TOKENS = 24  # greedy tokens per prompt in the report
 TIMING_ROUNDS = 3  # throughput and latency: median of this many interleaved rounds
 TIMING_BATCHES = 2  # evaluation batches timed per throughput round
 LATENCY_TOKENS = 32  # greedy tokens per latency round
+ON_POLICY_PROMPTS = 16  # held-out prompts of the report's on-policy measure: its cost stays a few batches
 STUDENT_FILE = "student.json"
 MAX_NEW_TOKENS = 100_000  # kdistill generate: a typo's bound, far beyond any context window
 BYTES = {"float16": 2, "float32": 4}
@@ -450,10 +451,12 @@ def on_policy(task: nn.Module, distiller: Distiller, prepared: Prepared, log: Lo
 # -- the report -------------------------------------------------------------------------------------
 
 
-def timed(models: Mapping[str, nn.Module], tokenizer: Any, data: CorpusBlocks, batch_size: int) -> dict[str, Any]:
+def timed(
+    models: Mapping[str, nn.Module], tokenizer: Any, data: CorpusBlocks, batch_size: int, rounds: int = TIMING_ROUNDS
+) -> dict[str, Any]:
     """Throughput (tokens/s at ``batch_size`` blocks) and batch-1 greedy latency (ms/token), each the
-    median of :data:`TIMING_ROUNDS` rounds, one thread, the models interleaved round by round so that
-    machine noise hits them alike."""
+    median of ``rounds`` rounds, one thread, the models interleaved round by round so that machine
+    noise hits them alike."""
     from kdistill.lm_eval import greedy_generate, tokens_per_second
 
     threads = torch.get_num_threads()
@@ -461,7 +464,7 @@ def timed(models: Mapping[str, nn.Module], tokenizer: Any, data: CorpusBlocks, b
     speed: dict[str, list[float]] = {name: [] for name in models}
     latency: dict[str, list[float]] = {name: [] for name in models}
     try:
-        for _ in range(TIMING_ROUNDS):
+        for _ in range(rounds):
             for name, model in models.items():
                 speed[name].append(tokens_per_second(model, data, batch_size=batch_size, batches=TIMING_BATCHES))
                 latency[name].append(greedy_generate(model, tokenizer, PROMPTS[0], LATENCY_TOKENS)[1])
@@ -480,15 +483,76 @@ def log_gap_closed(teacher: float, baseline: float, student: float) -> float | N
     return (math.log(baseline) - math.log(student)) / gap if gap > 0 else None
 
 
+def on_policy_setting(config: Config, test: CorpusBlocks) -> dict[str, Any]:
+    """How the report's on-policy measure samples (``report.json``'s ``on_policy_eval``).
+
+    The prompts are the first ``distill.prompt_tokens`` tokens of the first :data:`ON_POLICY_PROMPTS`
+    test blocks (at most ``data.block_size − 1`` tokens: ``prompt_tokens`` is checked against the block
+    only with ``on_policy`` > 0, and the measure runs always); each model samples up to
+    ``distill.max_new_tokens`` tokens at ``distill.sampling_temperature`` and ``distill.top_p``, as
+    on-policy training samples, from generators seeded by ``train.seed``.
+    """
+    d = config.distill
+    return {
+        "prompts": min(ON_POLICY_PROMPTS, len(test)),
+        "prompt_tokens": min(d.prompt_tokens, config.data.block_size - 1),
+        "max_new_tokens": d.max_new_tokens,
+        "temperature": d.sampling_temperature,
+        "top_p": d.top_p,
+        "seed": config.train.seed,
+    }
+
+
+def teacher_nll_of_own_samples(
+    models: Mapping[str, nn.Module],
+    teacher: nn.Module,
+    test: CorpusBlocks,
+    config: Config,
+    eos_token_id: int | None,
+) -> dict[str, float | None]:
+    """Per model, :func:`kdistill.onpolicy.teacher_nll_of_samples`: the teacher's mean per-token NLL
+    (nats) of the model's own sampled continuations of held-out prompts (see :func:`on_policy_setting`).
+
+    What on-policy distillation lowers, measured for every run (not only ``on_policy`` > 0): a few
+    batches of sampling, bounded by :data:`ON_POLICY_PROMPTS`. The teacher's own value (its entropy
+    rate at temperature 1) is the reference, not a floor: a student that samples only the teacher's
+    likeliest tokens scores below it. None when a prompt would be empty (a 1-token block).
+    """
+    from kdistill.onpolicy import teacher_nll_of_samples
+
+    setting = on_policy_setting(config, test)
+    if setting["prompt_tokens"] < 1:
+        return {name: None for name in models}
+    prompts = CorpusBlocks(test.blocks[: setting["prompts"]], test.name)
+    values: dict[str, float | None] = {}
+    for name, model in models.items():
+        value = teacher_nll_of_samples(
+            model,
+            teacher,
+            prompts,
+            prompt_tokens=setting["prompt_tokens"],
+            max_new_tokens=setting["max_new_tokens"],
+            seed=setting["seed"],
+            temperature=setting["temperature"],
+            top_p=setting["top_p"],
+            batch_size=config.data.eval_batch_size,
+            eos_token_id=eos_token_id,
+        )
+        values[name] = value if math.isfinite(value) else None  # nan (nothing generated) is not JSON
+    return values
+
+
 def measure(models: Mapping[str, nn.Module], prepared: Prepared, cache: TeacherCache | None) -> dict[str, Any]:
     """``report.json``'s content (spec §6): per model test and validation perplexity, agreement with
-    the teacher (not for the teacher), params, size, speed; ratios; corpus and cache facts; greedy
+    the teacher (not for the teacher), params, size, speed, and the teacher's NLL of the model's own
+    samples (:func:`teacher_nll_of_own_samples`); ratios; corpus and cache facts; greedy
     continuations of :data:`PROMPTS`."""
     from kdistill.lm_eval import agreement, greedy_generate, perplexity
 
     config, teacher = prepared.config, models["teacher"]
     batch = config.data.eval_batch_size
     speed = timed(models, prepared.tokenizer, prepared.test, batch)
+    sampled_nll = teacher_nll_of_own_samples(models, teacher, prepared.test, config, prepared.corpus.eos_id)
     report: dict[str, Any] = {"kind": "language-model"}
     for name, model in models.items():
         row = {
@@ -499,6 +563,7 @@ def measure(models: Mapping[str, nn.Module], prepared: Prepared, cache: TeacherC
             "params": parameter_count(model),
             "size_mb": size_mb(model),
             **speed[name],
+            "teacher_nll_of_samples": sampled_nll[name],
         }
         if name != "teacher":
             row["agreement"] = agreement(model, teacher, prepared.test, batch_size=batch)
@@ -514,6 +579,7 @@ def measure(models: Mapping[str, nn.Module], prepared: Prepared, cache: TeacherC
         report["ratios"]["gap_closed"] = log_gap_closed(
             t["perplexity"], report["baseline"]["perplexity"], s["perplexity"]
         )
+    report["on_policy_eval"] = on_policy_setting(config, prepared.test)
     kept = prepared.kept
     vocab_size = teacher.get_output_embeddings().out_features
     test_ids = prepared.test.take(torch.arange(len(prepared.test)))[1]
@@ -581,6 +647,15 @@ def markdown(report: Mapping[str, Any], title: str = "kdistill language-model re
             "Distillation closed "
             + ("— (the baseline is as good as the teacher)" if closed is None else f"{100 * closed:.0f} %")
             + " of the teacher–baseline log-perplexity gap."
+        )
+    if "on_policy_eval" in report:  # reports written before the measure existed have none
+        setting = report["on_policy_eval"]
+        values = ", ".join(f"{name} {_number(report[name]['teacher_nll_of_samples'], '.3f')}" for name in names)
+        lines.append(
+            f"Teacher's NLL of each model's own samples ({setting['prompts']} test prompts of "
+            f"{setting['prompt_tokens']} tokens, up to {setting['max_new_tokens']} sampled at temperature "
+            f"{setting['temperature']:g}, top-p {setting['top_p']:g}; lower: closer to what the teacher would write; "
+            f"the teacher's is its NLL of its own samples): {values} nats/token."
         )
     corpus = report["corpus"]
     lines += [

@@ -20,6 +20,11 @@ Every loss term (``ce``, ``response``, ``feature``, ``feature/<student>-><teache
 ``loss``, averaged over the same logging interval as Hugging Face averages ``loss``, so that
 ``loss = β·(α·response + feature) + ce`` holds for the logged numbers too.
 
+For a causal-LM student with a large vocabulary the loss is chunked (``chunk_tokens``, ``"auto"`` by
+default): no ``(N, T, V)`` logits tensor exists, in training or in evaluation. ``evaluate()`` then
+reports ``eval_loss`` alone and ``predict()`` returns no predictions; a ``compute_metrics``, which
+needs the logits, turns ``"auto"`` chunking off (and refuses an explicit ``chunk_tokens``).
+
 ``transformers`` (and ``peft``, for :func:`lora_student`) are optional extras: this module is
 never imported by the core or by ``import kdistill``.
 """
@@ -30,7 +35,7 @@ import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -136,6 +141,12 @@ class DistillationTrainer(transformers.Trainer):
             function ``(student_rows, teacher_rows, τ) -> scalar``.
         temperature_squared, ignore_index, causal_lm, teacher_dtype, logits_fn, feature_fn: as for
             :class:`~kdistill.Distiller`.
+        chunk_tokens: the chunked loss for causal LMs (``chunk_tokens`` of :class:`~kdistill.Distiller`):
+            a number of positions per chunk, ``"auto"`` (the default: on for a vocabulary of at least
+            :data:`kdistill.distiller.AUTO_CHUNK_VOCABULARY` ids, as the config's ``distill.chunk_tokens``)
+            or None (off). Chunked, the loss has no logits: evaluation gives the loss alone (see
+            :meth:`prediction_step`). With a ``compute_metrics``, which reads the logits, ``"auto"``
+            means off and a number is refused.
         sample_input: a batch to build the adapters from; by default the first
             ``per_device_train_batch_size`` examples of ``train_dataset``, collated.
         **trainer_kwargs: everything ``transformers.Trainer`` takes (``args``, ``train_dataset``,
@@ -164,6 +175,7 @@ class DistillationTrainer(transformers.Trainer):
         teacher_dtype: torch.dtype | None = None,
         logits_fn: Callable[[Any], Tensor] = default_logits,
         feature_fn: Callable[[Any], Tensor] = first_tensor,
+        chunk_tokens: int | Literal["auto"] | None = "auto",
         sample_input: Any = None,
         **trainer_kwargs: Any,
     ) -> None:
@@ -171,6 +183,15 @@ class DistillationTrainer(transformers.Trainer):
             raise ConfigError("DistillationTrainer needs both model= (the student) and teacher=")
         if trainer_kwargs.get("model_init") is not None:
             raise ConfigError("DistillationTrainer does not support model_init: pass the student as model=")
+        if trainer_kwargs.get("compute_metrics") is not None:
+            # The metrics read the student's logits, which the chunked loss never forms.
+            if chunk_tokens == "auto":
+                chunk_tokens = None
+            elif chunk_tokens is not None:
+                raise ConfigError(
+                    f"compute_metrics needs the student's logits, and chunk_tokens={chunk_tokens!r} computes none: "
+                    "set chunk_tokens=None (or 'auto') to evaluate with metrics"
+                )
         super().__init__(model=model, **trainer_kwargs)
         # The Distiller reads the labels itself; no num_items_in_batch is needed (nor counted).
         self.model_accepts_loss_kwargs = False
@@ -190,6 +211,7 @@ class DistillationTrainer(transformers.Trainer):
             feature_fn=feature_fn,
             causal_lm=causal_lm,
             teacher_dtype=teacher_dtype,
+            chunk_tokens=chunk_tokens,
         )
         if self.distiller.pairs:
             # Adapter initialisation draws random numbers: fork the RNG so that distilling does not
@@ -281,7 +303,10 @@ class DistillationTrainer(transformers.Trainer):
     ) -> Tensor | tuple[Tensor, dict[str, Tensor]]:
         """The Distiller's total loss for one batch (a mean over its rows or tokens); during
         training its terms are added up for :meth:`log`. ``num_items_in_batch`` is not used: the
-        loss is a per-batch mean, which the Trainer scales for gradient accumulation."""
+        loss is a per-batch mean, which the Trainer scales for gradient accumulation.
+
+        The outputs (``return_outputs``) are ``{"loss", "logits"}``, the student's ``(N, T, V)`` or
+        ``(N, C)`` logits; just ``{"loss"}`` under the chunked loss, which forms no logits."""
         self._place_teacher(model)
         with self._student_called_as(model):
             out = self.distiller(inputs)
@@ -292,7 +317,24 @@ class DistillationTrainer(transformers.Trainer):
                     self._term_sums[name] = self._term_sums[name] + value if name in self._term_sums else value
             self._term_count += 1
         loss = out["loss"]
-        return (loss, {"loss": loss, "logits": out["logits"]}) if return_outputs else loss
+        if not return_outputs:
+            return loss
+        logits = out.get("logits")  # none under chunk_tokens
+        return loss, ({"loss": loss} if logits is None else {"loss": loss, "logits": logits})
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        """The Trainer's evaluation step; under the chunked loss ``(loss, None, None)``: there are no
+        logits to return, and computing them in full would undo what chunking saves (the Trainer
+        keeps every batch's predictions). ``evaluate()`` reports ``eval_loss``; for predictions or
+        ``compute_metrics`` use ``chunk_tokens=None``."""
+        chunked = self.distiller.chunk_size is not None
+        return super().prediction_step(model, inputs, prediction_loss_only or chunked, ignore_keys)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """Add the terms' means since the last log to a training log (the one with ``loss``).
