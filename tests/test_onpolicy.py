@@ -19,6 +19,7 @@ from kdistill.onpolicy import (
     OnPolicyDistillation,
     is_on_policy,
     sample_continuations,
+    sample_next_ids,
     teacher_nll_of_samples,
 )
 from kdistill.trainer import Trainer
@@ -190,6 +191,22 @@ def test_a_pruned_student_samples_full_ids_and_other_spreads_over_the_dropped_id
         student.other_bias.fill_(-100.0)
     ids, _ = sample_continuations(student, prompts, max_new_tokens=NEW, generator=torch.Generator().manual_seed(0))
     assert torch.isin(ids[:, PROMPT:], torch.tensor(kept)).all()
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_a_pruned_student_samples_from_its_full_vocabulary_distribution_tempered(monkeypatch, temperature):
+    # The draw must be over softmax(z_full / T) coarsened to K ∪ {other}: tempering the compact softmax
+    # instead leaves (T − 1)·log(rest) out of the "other" entry.
+    student = PrunedVocabulary(tiny_llama(1).double(), list(range(0, VOCAB, 2)))
+    logits = torch.randn(3, student.other + 1, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    seen = []
+    draw = torch.multinomial
+    monkeypatch.setattr(torch, "multinomial", lambda p, n, **kw: seen.append(p) or draw(p, n, **kw))
+    sample_next_ids(student, logits, temperature=temperature, top_p=1.0, generator=torch.Generator().manual_seed(0))
+    full = student.full_log_probs(logits) / temperature  # the full-vocabulary logits, up to a constant
+    tempered = full.softmax(-1)
+    want = torch.cat([tempered[:, student.kept], tempered[:, student.dropped].sum(-1, keepdim=True)], -1)
+    torch.testing.assert_close(seen[0], want, rtol=1e-12, atol=1e-15)
 
 
 def test_a_pruned_student_trains_on_policy_like_on_the_fixed_sequence():

@@ -602,6 +602,8 @@ def measure(models: Mapping[str, nn.Module], prepared: Prepared, cache: TeacherC
             "bytes_per_token": cache.bytes_per_token,
             "truncation_kl_mean": cache.truncation_kl_mean,
             "truncation_kl_max": cache.truncation_kl_max,
+            "rest_mass_mean": cache.rest_mass_mean,
+            "rest_mass_max": cache.rest_mass_max,
         }
     report["continuations"] = {
         prompt: {
@@ -667,8 +669,10 @@ def markdown(report: Mapping[str, Any], title: str = "kdistill language-model re
     if "cache" in report and report["cache"]["truncation_kl_mean"] is not None:
         cache = report["cache"]
         lines.append(
-            f"Teacher cache: {cache['bytes_per_token']:,.0f} bytes/token, truncation KL mean "
-            f"{cache['truncation_kl_mean']:.2e}, max {cache['truncation_kl_max']:.2e} nats."
+            f"Teacher cache: {cache['bytes_per_token']:,.0f} bytes/token; the teacher's mass outside the top k "
+            f"(what bounds the loss's truncation error) mean {_number(cache.get('rest_mass_mean'), '.3f')}, max "
+            f"{_number(cache.get('rest_mass_max'), '.3f')}; KL from the teacher to its uniform-rest "
+            f"reconstruction mean {cache['truncation_kl_mean']:.2e}, max {cache['truncation_kl_max']:.2e} nats."
         )
     lines += [
         "",

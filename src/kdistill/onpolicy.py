@@ -72,7 +72,8 @@ def sample_next_ids(
 ) -> Tensor:
     """One sampled full-vocabulary id per row from next-token logits ``(N, C)`` → ``(N,)`` long.
 
-    ``softmax(logits / temperature)``, cut to its top-p nucleus (the fewest most probable entries whose
+    ``softmax(logits / temperature)`` (a pruned student's logits tempered as its full-vocabulary logits
+    are, see :meth:`~kdistill.vocabulary.PrunedVocabulary.tempered`), cut to its top-p nucleus (the fewest most probable entries whose
     mass reaches ``top_p``, renormalised), sampled with ``generator``. For a
     :class:`~kdistill.vocabulary.PrunedVocabulary` the draw is over its ``|K| + 1`` compact ids (top-p
     too: "other" is one entry) and a drawn "other" becomes an id drawn uniformly from the ``V − |K|``
@@ -80,6 +81,8 @@ def sample_next_ids(
     (``p(v) = p(other) / (V − |K|)`` for ``v ∉ K``). Every call draws the same number of random
     values whatever was drawn, so the generator's stream does not depend on the outcome.
     """
+    if isinstance(model, PrunedVocabulary):  # tempered as its full-vocabulary logits are (spec §6)
+        logits = model.tempered(logits, temperature)
     probabilities = F.softmax((logits if logits.dtype == torch.float64 else logits.float()) / temperature, -1)
     if top_p < 1.0:
         # Stable sort: ties keep id order, so the nucleus is the same on every run.
