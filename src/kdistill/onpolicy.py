@@ -73,8 +73,9 @@ def sample_next_ids(
     """One sampled full-vocabulary id per row from next-token logits ``(N, C)`` → ``(N,)`` long.
 
     ``softmax(logits / temperature)`` (a pruned student's logits tempered as its full-vocabulary logits
-    are, see :meth:`~kdistill.vocabulary.PrunedVocabulary.tempered`), cut to its top-p nucleus (the fewest most probable entries whose
-    mass reaches ``top_p``, renormalised), sampled with ``generator``. For a
+    are, see :meth:`~kdistill.vocabulary.PrunedVocabulary.tempered`), cut to its top-p nucleus (the
+    fewest most probable entries whose mass reaches ``top_p``, renormalised), sampled with
+    ``generator``. For a
     :class:`~kdistill.vocabulary.PrunedVocabulary` the draw is over its ``|K| + 1`` compact ids (top-p
     too: "other" is one entry) and a drawn "other" becomes an id drawn uniformly from the ``V − |K|``
     dropped ids, which is exactly the full-vocabulary distribution the spec gives the pruned student
