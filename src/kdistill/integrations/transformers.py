@@ -16,6 +16,13 @@ What the Trainer sees and what it does not:
   ``adapters.safetensors`` in each checkpoint folder (never inside the student's weights, which
   must stay loadable by ``from_pretrained``), and loaded back on resume.
 
+Multi-process launch (``torchrun``, ``accelerate launch``) works as for a plain Trainer: each process
+distils its share of every global batch, DDP averages the student's gradients, and a callback
+averages the adapters' gradients over the processes before each optimizer step (DDP does not see
+them), so every process takes the update that one process takes on the whole global batch when
+the per-process losses have equal weight (rows, or equal token counts; the loss is a per-batch mean).
+Feature pairs under DeepSpeed or FSDP are refused: those own the gradients' reduction.
+
 Every loss term (``ce``, ``response``, ``feature``, ``feature/<student>-><teacher>``) is logged with
 ``loss``, averaged over the same logging interval as Hugging Face averages ``loss``, so that
 ``loss = β·(α·response + feature) + ce`` holds for the logged numbers too.
@@ -124,6 +131,50 @@ class _ZeroAdapterGradients(transformers.TrainerCallback):
         self.adapters.zero_grad(set_to_none=True)
 
 
+class _AverageAdapterGradients(transformers.TrainerCallback):
+    """Keeps the adapters identical on every process of a multi-process (DDP) run.
+
+    The adapters are not part of the student that the Trainer wraps with DDP, so DDP neither
+    broadcasts their initial weights nor averages their gradients. This callback does both by hand:
+    at the start of training it copies rank 0's adapters to every process (as DDP does for the
+    student), and before each optimizer step (after gradient accumulation, when DDP has averaged the
+    student's gradients) it replaces each adapter gradient with its mean over the processes. Every
+    process then applies the same update, the one a single process would apply to the mean of the
+    processes' losses. Gradient clipping, which the Trainer does before this point, covers the
+    student alone, as in a one-process run.
+    """
+
+    def __init__(self, adapters: nn.Module) -> None:
+        self.adapters = adapters
+
+    @staticmethod
+    def _distributed() -> bool:
+        return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self._distributed():
+            return
+        with torch.no_grad():
+            for tensor in self.adapters.state_dict().values():
+                torch.distributed.broadcast(tensor, src=0)
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if not self._distributed():
+            return
+        # Every process ran the same pairs, so the same adapter parameters hold gradients on all of
+        # them: the collective lines up. One flat tensor: one all-reduce instead of one per tensor.
+        grads = [p.grad for p in self.adapters.parameters() if p.grad is not None]
+        if not grads:
+            return
+        flat = torch.cat([grad.reshape(-1) for grad in grads])
+        torch.distributed.all_reduce(flat, op=torch.distributed.ReduceOp.SUM)
+        flat /= torch.distributed.get_world_size()
+        offset = 0
+        for grad in grads:
+            grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+            offset += grad.numel()
+
+
 class DistillationTrainer(transformers.Trainer):
     """A ``transformers.Trainer`` that trains ``model`` (the student) to reproduce ``teacher``.
 
@@ -223,6 +274,9 @@ class DistillationTrainer(transformers.Trainer):
         self._term_count = 0
         # The Trainer zeroes only the model's gradients after an update; the adapters' would add up.
         self.add_callback(_ZeroAdapterGradients(self.distiller.adapters))
+        if self.args.world_size > 1 and self.adapter_parameters():
+            # DDP averages the student's gradients only: average the adapters' too.
+            self.add_callback(_AverageAdapterGradients(self.distiller.adapters))
 
     # -- set-up -------------------------------------------------------------------------------
 
@@ -257,12 +311,12 @@ class DistillationTrainer(transformers.Trainer):
         adapters = self.adapter_parameters()
         if not adapters:
             return optimizer
-        if self.args.world_size > 1:
-            # The adapters are outside the DDP-wrapped student: their gradients would not be averaged
-            # over the processes, and the ranks' adapters would drift apart.
+        if self.args.world_size > 1 and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            # DeepSpeed and FSDP own the optimizer and the gradients' reduction; the adapters, which
+            # live outside the student, would escape both.
             raise ConfigError(
-                "feature pairs with trainable adapters are not supported under multi-process launch yet; "
-                "use response distillation (no feature_pairs) or one process"
+                "feature pairs with trainable adapters are not supported with DeepSpeed or FSDP; "
+                "use response distillation (no feature_pairs) or plain multi-process (DDP) launch"
             )
         present = {id(p) for group in optimizer.param_groups for p in group["params"]}
         if any(id(p) in present for p in adapters):
