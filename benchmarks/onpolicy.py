@@ -42,7 +42,6 @@ import time
 from pathlib import Path
 
 import torch
-from lm import first_blocks, student_from
 from timing import machine, write_tables
 from torch import nn
 
@@ -52,6 +51,7 @@ from kdistill.corpus import ROTTEN_TOMATOES, TokenCorpus
 from kdistill.distiller import Distiller
 from kdistill.hf import SMOLLM2, load_causal_lm, load_causal_lm_tokenizer
 from kdistill.lm_eval import evaluating, next_token_logits, perplexity, predicted_ids
+from kdistill.lm_run import build_student, first_blocks
 from kdistill.onpolicy import OnPolicyDistillation, model_eos_id, sample_continuations, teacher_nll_of_samples
 from kdistill.trainer import Trainer
 
@@ -91,7 +91,7 @@ def main() -> None:
         first_blocks(corpus.split("test"), args.eval_tokens),
     )
     kept = corpus.vocabulary("train")
-    probe = student_from(teacher, args.every, kept)
+    probe = build_student(teacher, {"every": args.every}, kept)
     use_cache = args.response_loss == "kl"
     cache = None
     if use_cache:  # the off-policy batches' teacher, as in benchmarks/lm.py
@@ -177,7 +177,7 @@ def main() -> None:
 
 def run_arm(args, teacher, kept, train, cache, tokenizer, *, fraction: float, steps: int, seed: int) -> dict:
     """Train one student for ``steps`` optimizer steps with on-policy share ``fraction``."""
-    student = student_from(teacher, args.every, kept)
+    student = build_student(teacher, {"every": args.every}, kept)
     distiller = Distiller(
         teacher, student, temperature=args.temperature, response_loss=args.response_loss, causal_lm=True
     )
