@@ -54,3 +54,16 @@ def student(seeded) -> TinyConvNet:
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(1)
     return torch.randn(6, 1, 8, 8, generator=generator), torch.randint(0, 10, (6,), generator=generator)
+
+
+# The longest tests start first, so that under `pytest -n` (make test) they overlap the rest of the
+# suite instead of running alone at its end. The order of the others is unchanged.
+LONGEST_FIRST = ("test_demo.py", "test_crash.py", "test_lm_run.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: within a rank, the collection order
