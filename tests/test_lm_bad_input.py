@@ -27,6 +27,20 @@ def image(*overrides: str) -> Callable[[dict[str, Path]], list[str]]:
     return lambda files: ["train", "/dev/null", *TINY, *(a for o in overrides for a in ("--set", o))]
 
 
+def with_prompt_file(text: str | None, *overrides: str) -> Callable[[dict[str, Path]], list[str]]:
+    """The tiny LM config, on-policy, with a prompt file holding ``text`` (None: a file that does not exist)."""
+
+    def build(files: dict[str, Path]) -> list[str]:
+        # Written just before its case runs: the cases share the fixture's directory.
+        path = files["config"].parent / ("no-such-prompts.txt" if text is None else "prompts.txt")
+        if text is not None:
+            path.write_text(text)
+        settings = ("distill.on_policy=0.5", "distill.prompt_tokens=4", f"distill.prompt_file={path}")
+        return lm(*settings, *overrides)(files)
+
+    return build
+
+
 CASES = {
     "chunk_tokens 0": (lm("distill.chunk_tokens=0"), "distill.chunk_tokens must be ≥ 1"),
     "chunk_tokens 'yes'": (lm('distill.chunk_tokens="yes"'), "distill.chunk_tokens must be an integer or 'auto'"),
@@ -58,6 +72,16 @@ CASES = {
     "on-policy with jsd on the top-k cache": (
         lm("distill.on_policy=0.5", "distill.prompt_tokens=4", "distill.response_loss=jsd"),
         "supports the kl response loss only",
+    ),
+    "prompt file missing": (with_prompt_file(None), "distill.prompt_file: cannot read"),
+    "prompt file empty": (with_prompt_file("\n  \n"), "distill.prompt_file: no prompts"),
+    "prompt longer than prompt_tokens": (
+        with_prompt_file("w1 w2\nw1 w2 w3 w4 w5 w6\n"),
+        "distill.prompt_file: prompt 2 has 6 tokens, more than distill.prompt_tokens (4)",
+    ),
+    "prompt file on an image run": (
+        lambda files: image(f"distill.prompt_file={files['config']}")(files),
+        "distill.prompt_file applies to language-model runs",
     ),
 }
 

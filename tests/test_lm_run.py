@@ -394,6 +394,39 @@ def lm_train(lm_files: dict[str, Path], out: Path, *overrides: str) -> dict:
     return json.loads((out / "report.json").read_text())
 
 
+def test_the_report_has_sampled_continuations_side_by_side(finished: Path) -> None:
+    """Each model's sampled continuation (the run's sampling settings and seed) of 3 held-out prompts,
+    in report.json and report.md."""
+    report = json.loads((finished / "report.json").read_text())
+    sampled = report["sampled_continuations"]
+    assert len(sampled) == lm_run.SAMPLED_PROMPTS
+    text = (finished / "report.md").read_text()
+    assert "Sampled continuations" in text
+    for entry in sampled:
+        assert isinstance(entry["prompt"], str) and entry["prompt"].strip()
+        assert set(entry["continuations"]) == {"teacher", "baseline", "student"}
+        assert all(isinstance(value, str) for value in entry["continuations"].values())
+        assert entry["prompt"].replace("|", "\\|") in text
+    # Sampled, not empty: the tiny models write words of the corpus.
+    assert any(value.strip() for entry in sampled for value in entry["continuations"].values())
+
+
+def test_an_on_policy_run_with_a_prompt_file_samples_after_its_prompts(lm_files, tmp_path, monkeypatch) -> None:
+    """distill.prompt_file: every on-policy batch trains on continuations of the file's prompts; the
+    prompt tokens never count (generated_tokens stays within max_new_tokens)."""
+    monkeypatch.setenv("KDISTILL_CACHE", str(tmp_path / "cache"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w1 w2 w3\n\nw7 w8\n")
+    out = tmp_path / "out"
+    settings = ("distill.on_policy=1.0", "distill.prompt_tokens=3", "distill.max_new_tokens=4")
+    report = lm_train(lm_files, out, *settings, f"distill.prompt_file={prompts}")
+    assert math.isfinite(report["student"]["perplexity"])
+    records = [json.loads(line) for line in (out / "distill" / "metrics.jsonl").read_text().splitlines()]
+    on_policy = [r for r in records if "generated_tokens" in r]
+    assert on_policy and all(1 <= r["generated_tokens"] <= 4 for r in on_policy)
+    assert from_dict(read_yaml(out / "config.yaml")).distill.prompt_file == str(prompts)
+
+
 def test_an_on_policy_run_finishes_and_writes_its_report(lm_files, tmp_path, monkeypatch) -> None:
     """λ = 0.5: about half the distillation batches train on the student's own samples; the baseline never."""
     monkeypatch.setenv("KDISTILL_CACHE", str(tmp_path / "cache"))

@@ -484,3 +484,99 @@ def test_on_policy_with_a_chunked_distiller_equals_the_unchunked_one(kind, respo
     for name, grad in plain_grads.items():
         scale = max(1.0, float(grad.abs().max()))
         assert float((chunked_grads[name] - grad).abs().max()) <= 1e-10 * scale, name
+
+
+# -- prompts from a prompt file (distill.prompt_file) -----------------------------------------------
+
+
+def file_prompts(lengths: tuple[int, ...] = (4, 4, 4, 4, 4), seed: int = 11) -> list[Tensor]:
+    """Prompts as a prompt file gives them: 1-D token ids, each at most ``PROMPT`` long."""
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, VOCAB, (length,), generator=generator) for length in lengths]
+
+
+def test_on_policy_prompts_come_from_the_prompts_not_from_the_blocks():
+    prompts = file_prompts()
+    distiller = Distiller(tiny_llama(0), tiny_llama(1), temperature=TAU, response_loss="jsd", causal_lm=True)
+    inputs, _, index = batch(blocks(), [0, 3, 5])
+    sequence, labels = task_for(distiller, prompts=prompts).on_policy_batch(inputs, index=index, epoch=1)
+    ids = sequence["input_ids"]
+    assert ids.shape == (3, PROMPT + NEW)
+    for row in ids:
+        assert any(torch.equal(row[:PROMPT], prompt) for prompt in prompts), row
+    assert not torch.equal(ids[:, :PROMPT], inputs["input_ids"][:, :PROMPT])
+    assert bool((labels[:, :PROMPT] == -100).all()) and bool((labels[:, PROMPT:] == ids[:, PROMPT:]).all())
+    # Stateless: the same batch picks the same prompts and samples the same tokens.
+    again, _ = task_for(distiller, prompts=prompts).on_policy_batch(inputs, index=index, epoch=1)
+    assert torch.equal(again["input_ids"], ids)
+
+
+def test_the_prompt_choice_depends_on_the_batch_and_covers_the_prompts():
+    prompts = file_prompts(lengths=(4,) * 8)
+    distiller = Distiller(tiny_llama(0), tiny_llama(1), causal_lm=True)
+    task = task_for(distiller, prompts=prompts, max_new_tokens=1)
+    inputs, _, _ = batch(blocks(rows=2), [0, 1])
+    seen = set()
+    for first in range(40):
+        sequence, _ = task.on_policy_batch(inputs, index=torch.tensor([first, first + 1]), epoch=0)
+        for row in sequence["input_ids"]:
+            seen.add(next(i for i, prompt in enumerate(prompts) if torch.equal(row[:PROMPT], prompt)))
+    assert len(seen) > 4
+
+
+def test_prompts_of_different_lengths_are_cut_to_the_batchs_shortest_and_never_count():
+    prompts = file_prompts(lengths=(4, 2, 3))
+    teacher, student = tiny_llama(0), tiny_llama(1)
+    distiller = Distiller(teacher, student, temperature=TAU, response_loss="jsd", causal_lm=True)
+    task = task_for(distiller, prompts=prompts)
+    inputs, labels, index = batch(blocks(rows=8), list(range(8)))
+    sequence, sampled = task.on_policy_batch(inputs, index=index, epoch=0)
+    ids = sequence["input_ids"]
+    shortest = ids.shape[1] - NEW
+    assert 2 <= shortest <= 4
+    for row in ids:
+        assert any(torch.equal(row[:shortest], prompt[:shortest]) for prompt in prompts if len(prompt) >= shortest)
+    assert bool((sampled[:, :shortest] == -100).all()) and bool((sampled[:, shortest:] != -100).all())
+    assert bool((sequence["attention_mask"] == 1).all())
+
+    def loss(model: nn.Module) -> Tensor:
+        d = Distiller(model, student, temperature=TAU, response_loss="jsd", causal_lm=True)
+        return task_for(d, prompts=prompts)(inputs, labels, index=index, epoch=0)["loss"]
+
+    plain = loss(teacher)
+    assert torch.equal(loss(ShiftedTeacher(teacher, slice(0, shortest - 1))), plain)
+    assert not torch.equal(loss(ShiftedTeacher(teacher, slice(shortest - 1, shortest))), plain)
+
+
+def test_resume_mid_run_with_prompts_is_bit_identical(tmp_path):
+    data, prompts = blocks(rows=8), file_prompts(lengths=(4, 3, 4, 2))
+
+    def factory(distiller):
+        return task_for(distiller, fraction=0.5, seed=2, prompts=prompts)
+
+    reference, reference_task, _ = train(factory, data, tmp_path / "reference")
+    assert reference_task.on_policy_batches > 0 and reference_task.off_policy_batches > 0
+    _, _, first = train(factory, data, tmp_path / "run", stop_at=2)
+    assert first.interrupted
+    resumed, resumed_task, _ = train(factory, data, tmp_path / "run", resume=True)
+    assert resumed_task.on_policy_batches > 0  # sampling from the file after the resume, too
+    for (name, want), got in zip(reference.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(want, got), name
+    # The λ decisions do not depend on the prompts (same on-policy count), but what is sampled does.
+    without, plain_task, _ = train(lambda d: task_for(d, fraction=0.5, seed=2), data)
+    assert plain_task.on_policy_batches == reference_task.on_policy_batches
+    assert not torch.equal(without.state_dict()["lm_head.weight"], reference.state_dict()["lm_head.weight"])
+
+
+@pytest.mark.parametrize(
+    ("prompts", "message"),
+    [
+        ([], "no prompts"),
+        ([torch.tensor([1, 2, 3, 4, 5])], "5 tokens, more than distill.prompt_tokens"),
+        ([torch.tensor([1, 2]), torch.tensor([], dtype=torch.long)], "empty"),
+    ],
+)
+def test_bad_prompts_are_config_errors(prompts, message):
+    distiller = Distiller(tiny_llama(0), tiny_llama(1), causal_lm=True)
+    with pytest.raises(ConfigError, match=message):
+        task_for(distiller, prompts=prompts)

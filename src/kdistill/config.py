@@ -239,7 +239,10 @@ class DistillConfig:
     ``on_policy`` is λ, the probability that a batch is on-policy (0: never, the default); such a batch's
     prompts are the first ``prompt_tokens`` tokens of each block (fewer than ``data.block_size``), the
     student samples ``max_new_tokens`` tokens after each at ``sampling_temperature`` with nucleus
-    ``top_p``, and the live teacher scores them. The baseline is never on-policy.
+    ``top_p``, and the live teacher scores them. The baseline is never on-policy. With ``prompt_file``
+    (a UTF-8 text file, one prompt per non-empty line, each at most ``prompt_tokens`` tokens of the run's
+    tokenizer without special tokens) the prompts are drawn from the file instead, deterministically per
+    batch, each batch's cut to its shortest drawn prompt (no left padding).
 
     GKD-style training (on-policy batches with GKD's default divergence, the generalized JSD with
     β = 0.5, which ``jsd`` is): set ``on_policy`` > 0 and ``response_loss: jsd``, and keep the
@@ -264,6 +267,7 @@ class DistillConfig:
     max_new_tokens: int = 32
     sampling_temperature: float = 1.0
     top_p: float = 1.0
+    prompt_file: str | None = None
 
     def __post_init__(self) -> None:
         _require_range("alpha", self.alpha, 0, MAX_WEIGHT)
@@ -387,6 +391,12 @@ class Config:
             "applies to language-model runs (data.dataset: corpus) only; leave it 0",
             d.on_policy,
         )
+        _require(
+            d.prompt_file is None,
+            "distill.prompt_file",
+            "applies to language-model runs (data.dataset: corpus) only; leave it null",
+            d.prompt_file,
+        )
 
     def _check_language_model(self) -> None:
         """What a language-model run (data.dataset: corpus) needs, checked before anything loads.
@@ -445,6 +455,8 @@ class Config:
                 f"it cannot be computed chunk by chunk; set chunk_tokens to null or pick another loss, "
                 f"got {d.chunk_tokens}"
             )
+        if d.prompt_file is not None:
+            read_prompt_file(d.prompt_file)  # missing or empty: refused before anything loads
         if d.on_policy > 0:
             # OnPolicyDistillation's own refusals, made here: before anything loads or is written.
             _require(
@@ -460,6 +472,26 @@ class Config:
                 "must be > 0 with on_policy > 0 (on-policy batches train on the response term alone)",
                 d.alpha,
             )
+
+
+def read_prompt_file(path: str | Path) -> list[str]:
+    """The prompts of ``distill.prompt_file``: its non-empty lines (surrounding whitespace stripped), in order.
+
+    Their token counts are checked against ``distill.prompt_tokens`` once the tokenizer is loaded
+    (:func:`kdistill.onpolicy.checked_prompts`).
+
+    Raises:
+        ConfigError: the file cannot be read (missing, a directory, not UTF-8) or has no non-empty line.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else type(error).__name__
+        raise ConfigError(f"distill.prompt_file: cannot read {str(path)!r}: {reason}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"distill.prompt_file: no prompts in {str(path)!r} (one prompt per non-empty line)")
+    return prompts
 
 
 def _require(ok: bool, key: str, what: str, value: Any) -> None:

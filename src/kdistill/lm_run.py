@@ -34,13 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from kdistill import faults
 from kdistill.cache import CachedDistillation, TeacherCache, fingerprint
 from kdistill.calls import is_causal_lm
 from kdistill.checkpoint import atomic_write
-from kdistill.config import CORPUS, Config, dump_config, from_dict, read_yaml, to_dict
+from kdistill.config import CORPUS, Config, dump_config, from_dict, read_prompt_file, read_yaml, to_dict
 from kdistill.corpus import CorpusBlocks, TokenCorpus
 from kdistill.distiller import Distiller
 from kdistill.errors import CheckpointError, ConfigError, KDistillError
@@ -56,6 +56,7 @@ CONTINUATION_TOKENS = 24  # greedy tokens per prompt in the report
 TIMING_ROUNDS = 3  # throughput and latency: median of this many interleaved rounds
 TIMING_BATCHES = 2  # evaluation batches timed per throughput round
 LATENCY_TOKENS = 32  # greedy tokens per latency round
+SAMPLED_PROMPTS = 3  # held-out prompts whose sampled continuations the report shows side by side
 ON_POLICY_PROMPTS = 16  # held-out prompts of the report's on-policy measure: its cost stays a few batches
 STUDENT_FILE = "student.json"
 MAX_NEW_TOKENS = 100_000  # kdistill generate: a typo's bound, far beyond any context window
@@ -149,6 +150,7 @@ class Prepared:
     test: CorpusBlocks
     kept: list[int] | None  # the student's token ids; None: the full vocabulary
     student: nn.Module  # initial weights, shared by baseline and distilled student
+    prompts: list[Tensor] | None = None  # distill.prompt_file's prompts, tokenized; None: block prefixes
 
 
 def prepare(config: Config, log: Log) -> Prepared:
@@ -194,7 +196,25 @@ def prepare(config: Config, log: Log) -> Prepared:
         + (f"{len(kept):,} of {vocab_size:,} token ids kept" if kept else "the full vocabulary")
     )
     check_batch(config, teacher, student, train)
-    return Prepared(config, teacher, tokenizer, corpus, train, validation, test, kept, student)
+    prompts = prompt_file_ids(config, tokenizer)
+    return Prepared(config, teacher, tokenizer, corpus, train, validation, test, kept, student, prompts)
+
+
+def prompt_file_ids(config: Config, tokenizer: Any) -> list[Tensor] | None:
+    """``distill.prompt_file``'s prompts as 1-D id tensors (the run's tokenizer, no special tokens),
+    each checked to hold 1 to ``distill.prompt_tokens`` ids; None without a prompt file.
+
+    Raises:
+        ConfigError: the file is missing or empty, or a prompt is longer than ``distill.prompt_tokens``.
+    """
+    from kdistill.onpolicy import checked_prompts
+
+    d = config.distill
+    if d.prompt_file is None:
+        return None
+    texts = read_prompt_file(d.prompt_file)
+    ids = [torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long) for text in texts]
+    return checked_prompts(ids, d.prompt_tokens)
 
 
 def make_distiller(config: Config, teacher: nn.Module, student: nn.Module, alpha: float | None = None) -> Distiller:
@@ -445,6 +465,7 @@ def on_policy(task: nn.Module, distiller: Distiller, prepared: Prepared, log: Lo
         off_policy=task if task is not distiller else None,
         eos_token_id=prepared.corpus.eos_id,
         log=log,
+        prompts=prepared.prompts,
     )
 
 
@@ -542,6 +563,53 @@ def teacher_nll_of_own_samples(
     return values
 
 
+def sampled_continuations(
+    models: Mapping[str, nn.Module], tokenizer: Any, test: CorpusBlocks, config: Config, eos_token_id: int | None
+) -> list[dict[str, Any]]:
+    """Each model's sampled continuation of :data:`SAMPLED_PROMPTS` held-out prompts, for the report.
+
+    The prompts are those of :func:`on_policy_setting` (the first ``prompt_tokens`` tokens of the first
+    test blocks); every model samples with the run's settings (``max_new_tokens``, sampling temperature,
+    top-p, EOS) from a generator seeded by ``train.seed`` and the prompts' indices, the same seed for
+    every model, so the models differ only in what they write. Returns ``[{"prompt": text,
+    "continuations": {model: text}}]``, decoded without special tokens; ``[]`` when a prompt would be
+    empty (a 1-token block).
+    """
+    from kdistill.lm_eval import device_of
+    from kdistill.onpolicy import batch_seed, sample_continuations
+
+    setting = on_policy_setting(config, test)
+    length, count = setting["prompt_tokens"], min(SAMPLED_PROMPTS, len(test))
+    if length < 1 or count == 0:
+        return []
+    indices = torch.arange(count)
+    prompts = test.take(indices)[0]["input_ids"][:, :length]  # (count, P)
+    texts: dict[str, list[str]] = {}
+    for name, model in models.items():
+        device = device_of(model)
+        generator = torch.Generator(device=device).manual_seed(batch_seed(setting["seed"], 0, indices, "report"))
+        ids, mask = sample_continuations(
+            model,
+            prompts.to(device),
+            max_new_tokens=setting["max_new_tokens"],
+            temperature=setting["temperature"],
+            top_p=setting["top_p"],
+            generator=generator,
+            eos_token_id=eos_token_id,
+        )
+        ids, mask = ids[:, length:].cpu(), mask[:, length:].cpu()
+        texts[name] = [
+            tokenizer.decode(row[keep.bool()].tolist(), skip_special_tokens=True) for row, keep in zip(ids, mask)
+        ]
+    return [
+        {
+            "prompt": tokenizer.decode(prompts[row].tolist(), skip_special_tokens=True),
+            "continuations": {name: texts[name][row] for name in models},
+        }
+        for row in range(count)
+    ]
+
+
 def measure(models: Mapping[str, nn.Module], prepared: Prepared, cache: TeacherCache | None) -> dict[str, Any]:
     """``report.json``'s content (spec §6): per model test and validation perplexity, agreement with
     the teacher (not for the teacher), params, size, speed, and the teacher's NLL of the model's own
@@ -612,6 +680,9 @@ def measure(models: Mapping[str, nn.Module], prepared: Prepared, cache: TeacherC
         }
         for prompt in PROMPTS
     }
+    report["sampled_continuations"] = sampled_continuations(
+        models, prepared.tokenizer, prepared.test, config, prepared.corpus.eos_id
+    )
     return report
 
 
@@ -684,7 +755,26 @@ def markdown(report: Mapping[str, Any], title: str = "kdistill language-model re
     for prompt, outputs in report["continuations"].items():
         cells = [text.replace("|", "\\|").replace("\n", " ") for text in (outputs[name] for name in names)]
         lines.append(f"| {prompt} | " + " | ".join(cells) + " |")
+    if report.get("sampled_continuations"):  # reports written before the field existed have none
+        setting = report.get("on_policy_eval", {})
+        lines += [
+            "",
+            f"Sampled continuations of test prompts (up to {setting.get('max_new_tokens', '?')} tokens at "
+            f"temperature {setting.get('temperature', 1.0):g}, top-p {setting.get('top_p', 1.0):g}, "
+            "the same seed for every model):",
+            "",
+            "| prompt | " + " | ".join(names) + " |",
+            "|---" * (len(names) + 1) + "|",
+        ]
+        for entry in report["sampled_continuations"]:
+            cells = [_cell(entry["prompt"])] + [_cell(entry["continuations"][name]) for name in names]
+            lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _cell(text: str) -> str:
+    """``text`` as one Markdown table cell: pipes escaped, line breaks as spaces."""
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def write_report(out: Path, report: dict[str, Any]) -> None:

@@ -10,7 +10,8 @@ batch it decides, with probability λ (``fraction``), whether the batch is on-po
 * on-policy: the prompts are the first ``prompt_tokens`` tokens of each block, the student samples
   ``max_new_tokens`` tokens after each (KV cache, no gradient, temperature, top-p), the live teacher
   scores prompt + continuation in one forward pass, and the loss is the distiller's divergence on the
-  generated tokens only.
+  generated tokens only. With ``prompts`` (a prompt file's, ``distill.prompt_file``) the prompts are
+  drawn from those instead (see :meth:`OnPolicyDistillation.batch_prompts`).
 
 Determinism without RNG state: whether a batch is on-policy, and the seed of the generator it samples
 with, are hashes of ``(seed, epoch, the batch's sample indices)``. Nothing is drawn from torch's global
@@ -180,6 +181,29 @@ def prompts_of(inputs: Any, prompt_tokens: int) -> Tensor:
     return ids[:, :prompt_tokens]
 
 
+def checked_prompts(prompts: Tensor | list[Tensor], prompt_tokens: int) -> list[Tensor]:
+    """``prompts`` (an ``(n, P')`` tensor or ``n`` 1-D tensors) as a list of 1-D long CPU tensors.
+
+    Raises:
+        ConfigError: no prompts, an empty prompt, or one longer than ``prompt_tokens`` ids.
+    """
+    rows = list(prompts.unbind(0)) if isinstance(prompts, Tensor) and prompts.dim() == 2 else list(prompts)
+    if not rows:
+        raise ConfigError("distill.prompt_file: no prompts (one prompt per non-empty line)")
+    checked = []
+    for number, row in enumerate(rows, 1):
+        row = torch.as_tensor(row).detach().long().cpu().reshape(-1)
+        if row.numel() == 0:
+            raise ConfigError(f"distill.prompt_file: prompt {number} is empty (0 tokens)")
+        if row.numel() > prompt_tokens:
+            raise ConfigError(
+                f"distill.prompt_file: prompt {number} has {row.numel()} tokens, more than distill.prompt_tokens "
+                f"({prompt_tokens}); shorten it or raise prompt_tokens"
+            )
+        checked.append(row)
+    return checked
+
+
 def generated_labels(ids: Tensor, attention_mask: Tensor, prompt_tokens: int) -> Tensor:
     """Labels ``(N, T)`` for a sampled sequence: the ids, −100 on the prompt and on padding, so that with
     the causal shift only the generated tokens are scored."""
@@ -205,6 +229,9 @@ class OnPolicyDistillation(nn.Module):
             given the batch facts it declares in ``batch_facts``; None: the distiller with the live teacher.
         eos_token_id: where a sampled row stops (one id or several); None: the student's config's.
         pad_token_id: the id written after a row's EOS (masked out everywhere).
+        prompts: None: the prompts are the first ``prompt_tokens`` tokens of each block; else the
+            prompts to draw from (a prompt file's, tokenized): an ``(n, P')`` tensor or ``n`` 1-D tensors of
+            1 to ``prompt_tokens`` ids each (see :meth:`batch_prompts`).
         log: receives the one-time note that on-policy batches use the live teacher (default: this
             module's logger, level INFO).
 
@@ -236,6 +263,7 @@ class OnPolicyDistillation(nn.Module):
         eos_token_id: int | Collection[int] | None = None,
         pad_token_id: int = 0,
         log: Callable[[str], None] | None = None,
+        prompts: Tensor | list[Tensor] | None = None,
     ) -> None:
         super().__init__()
         _check(_is_number(fraction) and 0.0 <= fraction <= 1.0, "distill.on_policy (λ) must be in [0, 1]", fraction)
@@ -258,6 +286,7 @@ class OnPolicyDistillation(nn.Module):
         self.sampling_temperature, self.top_p, self.seed = float(sampling_temperature), float(top_p), int(seed)
         self.eos_token_id = eos_token_id if eos_token_id is not None else model_eos_id(distiller.student)
         self.pad_token_id = pad_token_id
+        self.prompts = None if prompts is None else checked_prompts(prompts, prompt_tokens)
         self.log = log if log is not None else logger.info
         self._noted = False
         # Counts of this process's batches (not checkpointed: for reports, not for training).
@@ -290,7 +319,10 @@ class OnPolicyDistillation(nn.Module):
         on the prompt and after EOS. A pure function of the student's weights, ``inputs``, ``index``,
         ``epoch`` and ``seed``; uses no global RNG."""
         inputs, _ = split_labels(inputs)
-        prompts = prompts_of(inputs, self.prompt_tokens)
+        if self.prompts is None:
+            prompts = prompts_of(inputs, self.prompt_tokens)
+        else:
+            prompts = self.batch_prompts(index, epoch).to(primary(inputs).device)
         student = self.distiller.student
         generator = torch.Generator(device=prompts.device)
         generator.manual_seed(batch_seed(self.seed, epoch, index, "sample"))
@@ -304,7 +336,23 @@ class OnPolicyDistillation(nn.Module):
             eos_token_id=self.eos_token_id,
             pad_token_id=self.pad_token_id,
         )
-        return {"input_ids": ids, "attention_mask": mask}, generated_labels(ids, mask, self.prompt_tokens)
+        return {"input_ids": ids, "attention_mask": mask}, generated_labels(ids, mask, prompts.shape[1])
+
+    def batch_prompts(self, index: Tensor, epoch: int = 0) -> Tensor:
+        """The batch's ``(N, L)`` prompts from ``self.prompts``, ``N = len(index)``: drawn uniformly with
+        replacement by a generator seeded from ``(seed, epoch, index)`` (stateless, so resume is exact),
+        each cut to its first ``L`` ids, ``L`` the shortest drawn prompt's length.
+
+        Why cut rather than left-pad: a Hugging Face Llama takes positions from ``cache_position``, not
+        from the attention mask, so a left-padded row would see its prompt at shifted positions unless
+        every call (sampling steps and the teacher's pass) passed matching ``position_ids``. Cutting to
+        the shortest keeps every row unpadded and exactly what a batch of one would see.
+        """
+        assert self.prompts is not None
+        generator = torch.Generator().manual_seed(batch_seed(self.seed, epoch, index, "prompt"))
+        chosen = torch.randint(len(self.prompts), (len(index),), generator=generator).tolist()
+        length = min(len(self.prompts[i]) for i in chosen)
+        return torch.stack([self.prompts[i][:length] for i in chosen])
 
     def extra_repr(self) -> str:
         return (
@@ -375,6 +423,7 @@ def _check(ok: bool, message: str, value: object) -> None:
 __all__ = [
     "OnPolicyDistillation",
     "batch_seed",
+    "checked_prompts",
     "is_on_policy",
     "sample_continuations",
     "sample_next_ids",
