@@ -19,6 +19,8 @@ from kdistill.cache import CachedDistillation, TeacherCache  # noqa: E402
 from kdistill.distiller import AUTO_CHUNK_VOCABULARY, DEFAULT_CHUNK_TOKENS  # noqa: E402
 from kdistill.errors import ConfigError, NonFiniteLossError  # noqa: E402
 from kdistill.losses import RESPONSE_LOSSES, TopKLogits  # noqa: E402
+from tests import lm_models  # noqa: E402
+from tests.lm_models import gpt2  # noqa: E402
 from tests.test_lm_cache import StandInBlocks  # noqa: E402
 from tests.test_lm_core import full_twin, twin_student  # noqa: E402
 
@@ -31,23 +33,8 @@ TOLERANCE = 1e-10  # float64: both sides are the same sums in another order
 
 
 def llama(seed: int, vocab: int = VOCAB, hidden: int = 16) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-    )
-    return transformers.LlamaForCausalLM(config).double().eval()
-
-
-def gpt2(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=VOCAB)
-    return transformers.GPT2LMHeadModel(config).double().eval()
+    """The shared tiny float64 Llama, 2 layers deep."""
+    return lm_models.llama(seed, vocab, hidden, layers=2)
 
 
 def student_of(kind: str) -> nn.Module:

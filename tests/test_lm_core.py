@@ -18,31 +18,12 @@ from kdistill.cache import CachedDistillation  # noqa: E402
 from kdistill.calls import is_causal_lm  # noqa: E402
 from kdistill.errors import ClassCountError, ConfigError, VocabularyError  # noqa: E402
 from kdistill.losses import RESPONSE_LOSSES, TopKLogits  # noqa: E402
+from tests.lm_models import gpt2, llama  # noqa: E402
 
 VOCAB = 64
 KEPT = [1, 2, 3, 5, 8, 13, 21, 34, 40, 41, 50, 63]
 # float32 carries ~1.2e-7 relative error per rounding; the top-k cache stores float32 logits.
 FLOAT32_TOLERANCE = 1e-5
-
-
-def llama(seed: int, tie: bool = True) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=tie,
-    )
-    return transformers.LlamaForCausalLM(config).double().eval()
-
-
-def gpt2(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=VOCAB)
-    return transformers.GPT2LMHeadModel(config).double().eval()
 
 
 def batch(seed: int = 0, n: int = 3, t: int = 7) -> tuple[dict[str, Tensor], Tensor]:

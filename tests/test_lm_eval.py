@@ -11,25 +11,15 @@ from torch import Tensor, nn
 
 from kdistill import lm_eval
 from kdistill.data import Batched
+from tests import lm_models
 
 VOCAB = 64
 
 
 def tiny_llama(seed: int = 0, vocab: int = VOCAB) -> nn.Module:
     """The interfaces' tiny Llama, float64 for exactness checks."""
-    transformers = pytest.importorskip("transformers")
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-        initializer_range=0.3,  # peaked enough that greedy decoding does not repeat one token
-    )
-    return transformers.LlamaForCausalLM(config).double().eval()
+    # Peaked enough that greedy decoding does not repeat one token.
+    return lm_models.llama(seed, vocab, init_range=0.3)
 
 
 class Blocks(Batched):

@@ -21,6 +21,7 @@ transformers = pytest.importorskip("transformers")
 from kdistill import lm_run  # noqa: E402
 from kdistill.cli import main  # noqa: E402
 from kdistill.config import ConfigError, dump_config, from_dict, load_config, read_yaml  # noqa: E402
+from tests.lm_models import llama  # noqa: E402
 from tests.test_corpus import word_tokenizer  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(40)]
@@ -28,17 +29,8 @@ LM_FIELDS = ("perplexity", "validation_perplexity", "params", "size_mb", "tokens
 
 
 def tiny_llama() -> torch.nn.Module:
-    config = transformers.LlamaConfig(
-        vocab_size=64,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(config)
+    """The shared tiny Llama, float32 in training mode."""
+    return llama(0, 64, exact=False)
 
 
 def trained_llama(tokenizer, documents: list[str]) -> torch.nn.Module:

@@ -29,23 +29,14 @@ from kdistill.errors import CheckpointError  # noqa: E402
 from kdistill.models import load_weights  # noqa: E402
 from kdistill.report import size_mb  # noqa: E402
 from kdistill.trainer import Trainer  # noqa: E402
+from tests.lm_models import llama  # noqa: E402
 
 VOCAB, HIDDEN = 64, 16
 
 
 def tied_llama(seed: int = 0) -> torch.nn.Module:
-    """A tiny LlamaForCausalLM whose head is its input embedding (``tie_word_embeddings``)."""
-    config = transformers.LlamaConfig(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(config)
+    """A tiny float32 LlamaForCausalLM whose head is its input embedding (``tie_word_embeddings``)."""
+    model = llama(seed, VOCAB, HIDDEN, layers=2, exact=False)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # the premise of every test here
     return model
 

@@ -51,7 +51,7 @@ import socket
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -73,6 +73,7 @@ STORAGE = {"float16": np.float16, "float32": np.float32, "topk": np.float16}  # 
 # mass near e^-60, whose log is about −60 with a float16 spacing of 0.03).
 TOPK_TYPES = {"topk-indices": np.dtype(np.int32), "topk-log-rest": np.dtype(np.float32)}
 TRUNCATION_ROWS = 256  # positions per float64 truncation-KL chunk: 256 × 49,152 × 8 B = 100 MB at most
+_Kept = TypeVar("_Kept")  # what a publisher keeps instead of its own build (see publish_directory)
 
 
 class StaleCacheError(KDistillError):
@@ -640,31 +641,51 @@ def _allocate(partial: Path, rows: int, layout: dict[str, tuple[np.dtype, tuple[
 def _publish(partial: Path, directory: Path, expected: dict[str, Any], meta: dict[str, Any]) -> TeacherCache:
     """Rename the complete cache ``partial`` to ``directory``; if a cache for ``expected`` is there
     already (another process won the race), verify and use that one instead."""
-    for _ in range(10):
-        try:
-            os.rename(partial, directory)  # atomic; fails if ``directory`` is a non-empty directory
-            return TeacherCache(directory, meta)
-        except OSError as error:
-            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
+
+    def first_complete() -> TeacherCache | None:
         try:
             return TeacherCache.open(directory, expected)  # first complete one wins
         except KDistillError:
-            pass
-        # A stale, incomplete or damaged cache is in the way: move it aside atomically, so no reader
-        # ever sees a half-deleted directory, then delete it (if a racing builder had just put a
-        # valid one there, its readers keep their memory maps; the next round publishes ours).
+            return None  # stale, incomplete or damaged: replaced
+
+    kept = publish_directory(partial, directory, what="teacher cache", build="cache", keep=first_complete)
+    return kept if kept is not None else TeacherCache(directory, meta)
+
+
+def publish_directory(
+    partial: Path,
+    directory: Path,
+    *,
+    what: str,
+    build: str,
+    keep: Callable[[], _Kept | None] | None = None,
+) -> _Kept | None:
+    """Rename the complete build ``partial`` to ``directory``, retrying against concurrent builders.
+
+    When ``directory`` is occupied, ``keep()`` (if given) decides: a value means the one there is
+    kept (returned; ``partial`` is left for the caller to delete), ``None`` that it is replaced. It is
+    first moved aside atomically, so no reader ever sees a half-deleted directory, then deleted.
+    Returns ``None`` once ``partial`` is in place; ``what`` and ``build`` name the directory and the
+    build in the error raised after too many lost races."""
+    for _ in range(10):
+        try:
+            os.rename(partial, directory)  # atomic; fails if ``directory`` is a non-empty directory
+            return None
+        except OSError as error:
+            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+        if keep is not None and (kept := keep()) is not None:
+            return kept
+        # If a racing builder had just put a valid one there, its readers keep their memory maps
+        # after the unlink; the next round publishes ours.
         aside = _private_directory(directory, ".old")
         try:
             os.rename(directory, aside)
         except FileNotFoundError:
             aside.rmdir()
             continue
-        # Whatever it held goes: a reader that opened it keeps its memory maps after the unlink.
         shutil.rmtree(aside, ignore_errors=True)
-    raise KDistillError(
-        f"teacher cache {directory}: could not put the new cache in place (too many concurrent builders)"
-    )
+    raise KDistillError(f"{what} {directory}: could not put the new {build} in place (too many concurrent builders)")
 
 
 class CachedDistillation(nn.Module):

@@ -21,13 +21,11 @@ from __future__ import annotations
 
 import bz2
 import csv
-import errno
 import gzip
 import hashlib
 import importlib.util
 import io
 import json
-import os
 import re
 import shutil
 from collections.abc import Callable, Iterator
@@ -39,7 +37,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from kdistill.cache import _private_directory, _remove_orphans
+from kdistill.cache import _private_directory, _remove_orphans, publish_directory
 from kdistill.checkpoint import file_sha256, verify_file, write_failure
 from kdistill.data import Batched
 from kdistill.errors import CheckpointError, ConfigError, KDistillError
@@ -494,32 +492,11 @@ def _write(directory: Path, blocks: dict[str, np.ndarray], meta: dict[str, Any])
         meta["sha256"] = {f"{name}.npy": file_sha256(partial / f"{name}.npy") for name in SPLITS}
         meta["meta_sha256"] = _meta_digest(meta)
         (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        _put_in_place(partial, directory)
+        # An old corpus there is replaced whatever it holds (``build`` already reused a matching one).
+        publish_directory(partial, directory, what="token corpus", build="build")
         return TokenCorpus.open(directory)
     except OSError as error:
         raise write_failure(directory, error) from error
     finally:
         if partial is not None:
             shutil.rmtree(partial, ignore_errors=True)  # ours alone: gone once renamed or failed
-
-
-def _put_in_place(partial: Path, directory: Path) -> None:
-    """Rename ``partial`` to ``directory``; an old corpus there is first moved aside atomically (no
-    reader ever sees a half-deleted one), then deleted."""
-    for _ in range(10):
-        try:
-            os.rename(partial, directory)  # atomic; fails if ``directory`` is a non-empty directory
-            return
-        except OSError as error:
-            if error.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                raise
-        aside = _private_directory(directory, ".old")
-        try:
-            os.rename(directory, aside)
-        except FileNotFoundError:
-            aside.rmdir()
-            continue
-        shutil.rmtree(aside, ignore_errors=True)
-    raise KDistillError(
-        f"token corpus {directory}: could not put the new build in place (too many concurrent builders)"
-    )
