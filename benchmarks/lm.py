@@ -98,6 +98,23 @@ def scored(model: nn.Module, data: CorpusBlocks, batch_size: int = 8) -> tuple[f
     return math.exp(total / count), torch.cat(predicted)
 
 
+def teacher_cache(workdir: Path, teacher: nn.Module, train: CorpusBlocks, kept: list[int], args) -> TeacherCache:
+    """The teacher's outputs, once: the top ``args.topk`` per token at ``args.temperature``, coarsened to
+    the vocabulary of a student that keeps ``kept`` (built or reused in ``workdir/teacher-cache``)."""
+    probe = build_student(teacher, {"every": args.every}, kept)
+    return TeacherCache.build(
+        workdir / "teacher-cache",
+        teacher,
+        train,
+        storage="topk",
+        topk=args.topk,
+        temperature=args.temperature,
+        batch_size=8,
+        coarsen=lambda logits: probe.coarsen(logits, args.temperature),
+        coarsen_id=hashlib.sha256(str(kept).encode()).hexdigest()[:20],
+    )
+
+
 def learning_rates(given: list[str]) -> dict[str, float]:
     """``["1e-3"]`` → every arm 1e-3; ``["baseline=1e-3", "distilled=5e-4"]`` → per arm (others 5e-4)."""
     rates = dict.fromkeys(ARMS, 5e-4)
@@ -153,20 +170,7 @@ def main() -> None:
     kept = corpus.vocabulary("train")
     mark = phase("load teacher, tokenize corpus", mark)
 
-    # The teacher's outputs, once: top-k per token, coarsened to the student's vocabulary.
-    probe = build_student(teacher, {"every": args.every}, kept)
-    coarsen_id = hashlib.sha256(str(kept).encode()).hexdigest()[:20]
-    cache = TeacherCache.build(
-        workdir / "teacher-cache",
-        teacher,
-        train,
-        storage="topk",
-        topk=args.topk,
-        temperature=args.temperature,
-        batch_size=8,
-        coarsen=lambda logits: probe.coarsen(logits, args.temperature),
-        coarsen_id=coarsen_id,
-    )
+    cache = teacher_cache(workdir, teacher, train, kept, args)
     mark = phase("teacher cache", mark)
 
     test_perplexity, teacher_ids = scored(teacher, test)

