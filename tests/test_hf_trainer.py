@@ -321,6 +321,7 @@ def test_lora_student_trains_only_its_lora_weights_and_merges_exactly(tmp_path: 
     assert changed and all("lora_" in name for name in changed)
     assert any("lora_A" in name for name in changed) and any("lora_B" in name for name in changed)
     assert trainer.distiller.pairs[0].student == "base_model.model.model.layers.1"
+    assert trainer.distiller.causal_lm  # a LoRA-wrapped causal LM still gets the next-token shift
 
     batch = transformers.default_data_collator(examples("llama", seed=5))
     inputs = {key: value for key, value in batch.items() if key != "labels"}
@@ -461,3 +462,22 @@ def test_chunked_loss_under_gradient_checkpointing_gives_the_plain_runs_losses(t
     flag = getattr(checkpointed.model, "is_activation_checkpointing", None)
     assert flag if flag is not None else checkpointed.model.is_gradient_checkpointing
     assert [e["loss"] for e in logged_steps(checkpointed)] == pytest.approx([e["loss"] for e in logged_steps(plain)])
+
+
+def test_a_peft_wrapper_without_task_type_is_still_a_causal_lm() -> None:
+    peft = pytest.importorskip("peft")
+    plain = peft.get_peft_model(MODELS["llama"][0](), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert type(plain).__name__ == "PeftModel"  # the class name says nothing
+    assert kd_hf.is_causal_lm(plain) and not kd_hf.is_causal_lm(MODELS["bert"][0]())
+
+
+def test_feature_pairs_are_refused_where_adapters_would_not_train(monkeypatch: pytest.MonkeyPatch) -> None:
+    from types import SimpleNamespace
+
+    for engine in ("is_deepspeed_enabled", "is_fsdp_enabled"):
+        with pytest.raises(ConfigError, match="DeepSpeed or FSDP"):
+            kd_hf._check_adapter_support(SimpleNamespace(**{engine: True}))
+    kd_hf._check_adapter_support(SimpleNamespace())  # plain (DDP or one process): fine
+    monkeypatch.delattr(transformers.TrainerCallback, "on_pre_optimizer_step")
+    with pytest.raises(ConfigError, match="on_pre_optimizer_step"):
+        kd_hf._check_adapter_support(SimpleNamespace())

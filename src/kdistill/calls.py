@@ -110,13 +110,21 @@ def is_causal_lm(model: nn.Module) -> bool:
 
     True for a :class:`~kdistill.vocabulary.PrunedVocabulary` and for a model whose class name ends
     in ``ForCausalLM`` or ``LMHeadModel`` (the Hugging Face naming: ``LlamaForCausalLM``,
-    ``GPT2LMHeadModel``); by name so that the core needs no ``transformers`` import. Token
+    ``GPT2LMHeadModel``); by name so that the core needs no ``transformers`` import; a wrapper
+    (peft's ``PeftModel``, DDP, ``torch.compile``) is asked about the model it wraps. Token
     classifiers (``BertForTokenClassification``) and everything else are not.
     """
     if isinstance(model, PrunedVocabulary):
         return True
     name = type(model).__name__
-    return name.endswith("ForCausalLM") or name.endswith("LMHeadModel")
+    if name.endswith("ForCausalLM") or name.endswith("LMHeadModel"):
+        return True
+    # Wrappers say nothing by their name: peft's PeftModel (get_base_model), DDP (.module),
+    # torch.compile (._orig_mod). Ask what they wrap.
+    get_base_model = getattr(model, "get_base_model", None)
+    inner = get_base_model() if callable(get_base_model) else getattr(model, "module", None)
+    inner = inner if isinstance(inner, nn.Module) else getattr(model, "_orig_mod", None)
+    return isinstance(inner, nn.Module) and inner is not model and is_causal_lm(inner)
 
 
 def check_vocabularies(teacher: nn.Module, student: nn.Module) -> None:

@@ -47,7 +47,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from kdistill.calls import default_logits, first_tensor
+from kdistill.calls import default_logits, first_tensor, is_causal_lm
 from kdistill.distiller import Distiller, FeaturePair
 from kdistill.errors import CheckpointError, ConfigError
 
@@ -91,6 +91,8 @@ def lora_student(
         ConfigError: ``peft`` is not installed.
     """
     peft = _peft()
+    if is_causal_lm(student):  # a PeftModelForCausalLM, which keeps generate() and the causal shift
+        lora_config.setdefault("task_type", "CAUSAL_LM")
     config = peft.LoraConfig(
         r=r,
         lora_alpha=lora_alpha,
@@ -99,6 +101,28 @@ def lora_student(
         **lora_config,
     )
     return peft.get_peft_model(student, config)
+
+
+def _check_adapter_support(trainer: transformers.Trainer) -> None:
+    """Refuse feature pairs where their adapters would silently not train.
+
+    DeepSpeed and FSDP own the optimizer and the gradients' reduction (a DeepSpeed config with its
+    own optimizer never calls ``create_optimizer``): the adapters, which live outside the student,
+    would escape both. The adapter callbacks need ``TrainerCallback.on_pre_optimizer_step`` and
+    ``on_optimizer_step`` (newer transformers releases); without them gradients would add up.
+    """
+    if getattr(trainer, "is_deepspeed_enabled", False) or getattr(trainer, "is_fsdp_enabled", False):
+        raise ConfigError(
+            "feature pairs with trainable adapters are not supported with DeepSpeed or FSDP; "
+            "use response distillation (no feature_pairs) or plain multi-process (DDP) launch"
+        )
+    hooks = ("on_pre_optimizer_step", "on_optimizer_step")
+    missing = [hook for hook in hooks if not hasattr(transformers.TrainerCallback, hook)]
+    if missing:
+        raise ConfigError(
+            f"feature pairs need transformers' TrainerCallback.{missing[0]} (transformers {transformers.__version__} "
+            "lacks it): upgrade transformers, or use response distillation (no feature_pairs)"
+        )
 
 
 def merge_lora(student: nn.Module) -> nn.Module:
@@ -272,6 +296,8 @@ class DistillationTrainer(transformers.Trainer):
                 self.distiller.build(self._prepare_inputs(batch))
         self._term_sums: dict[str, Tensor] = {}
         self._term_count = 0
+        if self.adapter_parameters():
+            _check_adapter_support(self)
         # The Trainer zeroes only the model's gradients after an update; the adapters' would add up.
         self.add_callback(_ZeroAdapterGradients(self.distiller.adapters))
         if self.args.world_size > 1 and self.adapter_parameters():
@@ -311,13 +337,6 @@ class DistillationTrainer(transformers.Trainer):
         adapters = self.adapter_parameters()
         if not adapters:
             return optimizer
-        if self.args.world_size > 1 and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            # DeepSpeed and FSDP own the optimizer and the gradients' reduction; the adapters, which
-            # live outside the student, would escape both.
-            raise ConfigError(
-                "feature pairs with trainable adapters are not supported with DeepSpeed or FSDP; "
-                "use response distillation (no feature_pairs) or plain multi-process (DDP) launch"
-            )
         present = {id(p) for group in optimizer.param_groups for p in group["params"]}
         if any(id(p) in present for p in adapters):
             return optimizer  # a user-given optimizer that already holds them
