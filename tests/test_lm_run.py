@@ -419,6 +419,46 @@ def test_an_on_policy_run_with_a_prompt_file_samples_after_its_prompts(lm_files,
     assert from_dict(read_yaml(out / "config.yaml")).distill.prompt_file == str(prompts)
 
 
+def test_a_finished_prompt_file_run_needs_its_file_no_more(lm_files, tmp_path, monkeypatch, capsys) -> None:
+    """The prompt file is read when a run prepares, not when its config is loaded: given relative, it is
+    stored absolute in config.yaml, and ``kdistill generate`` works once the file is gone, from anywhere."""
+    monkeypatch.setenv("KDISTILL_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "prompts.txt").write_text("w1 w2 w3\nw7 w8\n")
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    settings = ("distill.on_policy=1.0", "distill.prompt_tokens=3", "distill.max_new_tokens=4")
+    lm_train(lm_files, out, *settings, "distill.prompt_file=prompts.txt")
+    assert from_dict(read_yaml(out / "config.yaml")).distill.prompt_file == str(tmp_path / "prompts.txt")
+    (tmp_path / "prompts.txt").unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["generate", str(out), "--prompt", "w1 w2", "--max-new-tokens", "3"]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.strip()
+
+
+def test_a_resume_after_the_prompt_file_changed_is_refused(finished: Path, lm_files, tmp_path) -> None:
+    """An on-policy run interrupted, its prompt file edited: --resume refuses with one line (the
+    remaining on-policy batches would sample other prompts than the first ones did)."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("w1 w2 w3\nw7 w8\n")
+    out = tmp_path / "out"
+    settings = ("distill.on_policy=1.0", "distill.prompt_tokens=3", "distill.max_new_tokens=4")
+    sets = [item for s in (*settings, f"distill.prompt_file={prompts}") for item in ("--set", s)]
+    train = ["train", str(lm_files["config"]), *sets, "--out", str(out), "--quiet"]
+    steps = len(list((finished / "baseline" / "metrics.jsonl").read_text().splitlines()))
+    first = kdistill_process(*train, cache=tmp_path / "cache", KDISTILL_KILL_AT=f"step:{steps + 1}:INT")
+    assert first.returncode == 130, first.stderr
+    assert not (out / "distill" / "done.json").exists()
+    prompts.write_text("w1 w2 w3\nw9 w10\n")
+    second = kdistill_process(*train, "--resume", cache=tmp_path / "cache")
+    assert second.returncode == 2, second.stderr
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kdistill: error: "), second.stderr
+    assert "the prompt file changed since the run started" in lines[0]
+
+
 def test_an_on_policy_run_finishes_and_writes_its_report(lm_files, tmp_path, monkeypatch) -> None:
     """λ = 0.5: about half the distillation batches train on the student's own samples; the baseline never."""
     monkeypatch.setenv("KDISTILL_CACHE", str(tmp_path / "cache"))

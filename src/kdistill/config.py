@@ -455,8 +455,14 @@ class Config:
                 f"it cannot be computed chunk by chunk; set chunk_tokens to null or pick another loss, "
                 f"got {d.chunk_tokens}"
             )
-        if d.prompt_file is not None:
-            read_prompt_file(d.prompt_file)  # missing or empty: refused before anything loads
+        # Only the key's type: the file itself is read when a run prepares (lm_run.prepare), not on every
+        # load, so `kdistill generate` and a finished run's --resume work once the file is moved or gone.
+        _require(
+            d.prompt_file is None or (isinstance(d.prompt_file, str) and bool(d.prompt_file.strip())),
+            "distill.prompt_file",
+            "must be the path of a text file (one prompt per non-empty line) or null",
+            d.prompt_file,
+        )
         if d.on_policy > 0:
             # OnPolicyDistillation's own refusals, made here: before anything loads or is written.
             _require(

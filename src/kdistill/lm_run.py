@@ -274,6 +274,7 @@ def run(config: Config, out: Path, *, resume: bool = False, force: bool = False,
         raise ConfigError(f"lm_run: data.dataset must be corpus, got {config.data.dataset!r}")
     out = Path(out)
     check_out_path(out)
+    config = absolute_prompt_file(config)
     lock = RunLock(out)
     try:
         check_run_dir(out, resume, force)
@@ -282,6 +283,7 @@ def run(config: Config, out: Path, *, resume: bool = False, force: bool = False,
             if (out / "report.json").exists() and (out / "distill" / "done.json").exists():
                 log("report: the run had finished; its report is unchanged")
                 return json.loads((out / "report.json").read_text())
+            check_prompt_file_unchanged(config, out)
         prepared = prepare(config, log)
         replaced = move_results_aside(out) if force and not resume else None
         try:
@@ -299,15 +301,63 @@ def run(config: Config, out: Path, *, resume: bool = False, force: bool = False,
         lock.release()
 
 
+def absolute_prompt_file(config: Config) -> Config:
+    """``config`` with ``distill.prompt_file`` made absolute (against the working directory), so that
+    config.yaml names the file a --resume from another directory reads."""
+    path = config.distill.prompt_file
+    if path is None or Path(path).is_absolute():
+        return config
+    distill = dataclasses.replace(config.distill, prompt_file=str(Path(path).absolute()))
+    return dataclasses.replace(config, distill=distill)
+
+
+def prompt_file_digest(path: str | Path) -> str:
+    """The SHA-256 (hex) of the prompt file's bytes.
+
+    Raises:
+        ConfigError: the file cannot be read.
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise ConfigError(f"distill.prompt_file: cannot read {str(path)!r}: {error.strerror or 'OSError'}") from None
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_prompt_file_unchanged(config: Config, out: Path) -> None:
+    """Refuse to resume training when the prompt file's bytes differ from those the run started with
+    (the digest in ``distill/student.json``); runs that recorded none are not checked.
+
+    Raises:
+        ConfigError: the file changed, or cannot be read.
+    """
+    path = config.distill.prompt_file
+    student_file = out / "distill" / STUDENT_FILE
+    if path is None or not student_file.is_file():
+        return
+    try:
+        recorded = json.loads(student_file.read_text()).get("prompt_file_sha256")
+    except (OSError, ValueError, AttributeError):
+        return  # a damaged student file is reported where it is needed (load_run_model)
+    if recorded is not None and prompt_file_digest(path) != recorded:
+        raise ConfigError(
+            f"--resume: the prompt file changed since the run started: on-policy batches would sample other "
+            f"prompts ({path}); restore it or start a new run"
+        )
+
+
 def write_student_file(out: Path, prepared: Prepared) -> None:
-    """``distill/student.json``: what :func:`load_run_model` needs to rebuild the student."""
+    """``distill/student.json``: what :func:`load_run_model` needs to rebuild the student, and the
+    prompt file's SHA-256 (``prompt_file_sha256``, null without one) that --resume checks."""
     config = prepared.config
+    path = config.distill.prompt_file
     facts = {
         "teacher": to_dict(config.teacher),
         "shrink": dict(config.student.args or {}),
         "vocabulary": config.student.vocabulary,
         "kept": prepared.kept,
         "kept_digest": kept_digest(prepared.kept),
+        "prompt_file_sha256": prompt_file_digest(path) if path is not None else None,
     }
     (out / "distill").mkdir(parents=True, exist_ok=True)
     text = json.dumps(facts) + "\n"

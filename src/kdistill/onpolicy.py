@@ -245,6 +245,10 @@ class OnPolicyDistillation(nn.Module):
 
     ``forward(inputs, labels, *, index, epoch)`` returns the loss dict of the batch's task; on-policy
     dicts also have ``generated_tokens`` (counted tokens per row, mean).
+
+    Under DDP each process decides per batch from its own share of the sample indices (``index``), so in
+    one step some processes can train on-policy and others not; λ is then the probability per process
+    share (per process batch), not for the global batch as a whole.
     """
 
     batch_facts = ("index", "epoch")
