@@ -45,10 +45,11 @@ import torch
 from timing import machine, write_tables
 from torch import nn
 
-from kdistill.cache import CachedDistillation, TeacherCache
+from kdistill.cache import CachedDistillation, TeacherCache, fingerprint
 from kdistill.config import TrainConfig
 from kdistill.corpus import ROTTEN_TOMATOES, CorpusBlocks, TokenCorpus
 from kdistill.distiller import Distiller
+from kdistill.errors import KDistillError
 from kdistill.hf import SMOLLM2, load_causal_lm, load_causal_lm_tokenizer
 from kdistill.lm_eval import (
     evaluating,
@@ -101,6 +102,12 @@ def scored(model: nn.Module, data: CorpusBlocks, batch_size: int = 8) -> tuple[f
 def teacher_cache(workdir: Path, teacher: nn.Module, train: CorpusBlocks, kept: list[int], args) -> TeacherCache:
     """The teacher's outputs, once: the top ``args.topk`` per token at ``args.temperature``, coarsened to
     the vocabulary of a student that keeps ``kept`` (built or reused in ``workdir/teacher-cache``)."""
+    coarsen_id = hashlib.sha256(str(kept).encode()).hexdigest()[:20]
+    expected = fingerprint(teacher, train, None, [], "topk", args.topk, args.temperature, coarsen_id)
+    try:
+        return TeacherCache.open(workdir / "teacher-cache", expected)
+    except KDistillError:  # none yet, or one for other settings: build it
+        pass
     probe = build_student(teacher, {"every": args.every}, kept)
     return TeacherCache.build(
         workdir / "teacher-cache",
@@ -111,7 +118,8 @@ def teacher_cache(workdir: Path, teacher: nn.Module, train: CorpusBlocks, kept: 
         temperature=args.temperature,
         batch_size=8,
         coarsen=lambda logits: probe.coarsen(logits, args.temperature),
-        coarsen_id=hashlib.sha256(str(kept).encode()).hexdigest()[:20],
+        coarsen_id=coarsen_id,
+        expected=expected,
     )
 
 
