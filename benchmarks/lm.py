@@ -123,6 +123,23 @@ def teacher_cache(workdir: Path, teacher: nn.Module, train: CorpusBlocks, kept: 
     )
 
 
+def train_config(lr: float, seed: int, *, epochs: int = 1, max_steps: int | None = None) -> TrainConfig:
+    """Every arm's optimisation: AdamW at ``lr``, no weight decay, cosine after a 10 % warm-up, clipped
+    gradients, float32 on the CPU."""
+    return TrainConfig(
+        epochs=epochs,
+        max_steps=max_steps,
+        lr=lr,
+        weight_decay=0.0,
+        schedule="cosine",
+        warmup_epochs=0.1 * epochs,
+        grad_clip=1.0,
+        amp="off",
+        seed=seed,
+        device="cpu",
+    )
+
+
 def learning_rates(given: list[str]) -> dict[str, float]:
     """``["1e-3"]`` → every arm 1e-3; ``["baseline=1e-3", "distilled=5e-4"]`` → per arm (others 5e-4)."""
     rates = dict.fromkeys(ARMS, 5e-4)
@@ -203,17 +220,7 @@ def main() -> None:
             task: nn.Module = CachedDistillation(distiller, cache)
             if not with_labels:
                 task = WithoutLabels(task)
-            config = TrainConfig(
-                epochs=args.epochs,
-                lr=args.lr[arm],
-                weight_decay=0.0,
-                schedule="cosine",
-                warmup_epochs=0.1 * args.epochs,
-                grad_clip=1.0,
-                amp="off",
-                seed=seed,
-                device="cpu",
-            )
+            config = train_config(args.lr[arm], seed, epochs=args.epochs)
             trainer = Trainer(
                 task, list(distiller.trainable_parameters()), train, config, batch_size=args.batch_size, select_on=None
             )

@@ -41,12 +41,11 @@ import time
 from pathlib import Path
 
 import torch
-from lm import teacher_cache
+from lm import teacher_cache, train_config
 from timing import machine, write_tables
 from torch import nn
 
 from kdistill.cache import CachedDistillation
-from kdistill.config import TrainConfig
 from kdistill.corpus import ROTTEN_TOMATOES, TokenCorpus
 from kdistill.distiller import Distiller
 from kdistill.hf import SMOLLM2, load_causal_lm, load_causal_lm_tokenizer
@@ -182,18 +181,7 @@ def run_arm(args, teacher, kept, train, cache, tokenizer, *, fraction: float, st
         eos_token_id=tokenizer.eos_token_id if tokenizer.eos_token_id is not None else model_eos_id(student),
         log=lambda line: None,  # said once in the report instead
     )
-    config = TrainConfig(
-        epochs=1,
-        max_steps=steps,
-        lr=args.lr,
-        weight_decay=0.0,
-        schedule="cosine",
-        warmup_epochs=0.1,
-        grad_clip=1.0,
-        amp="off",
-        seed=seed,
-        device="cpu",
-    )
+    config = train_config(args.lr, seed, max_steps=steps)
     trainer = Trainer(
         task, list(distiller.trainable_parameters()), train, config, batch_size=args.batch_size, select_on=None
     )
