@@ -47,10 +47,10 @@ from torch import nn
 
 from kdistill.cache import CachedDistillation, TeacherCache, fingerprint
 from kdistill.config import TrainConfig
+from kdistill.core.distiller import Distiller
+from kdistill.core.errors import KDistillError
 from kdistill.corpus import ROTTEN_TOMATOES, CorpusBlocks, TokenCorpus
-from kdistill.distiller import Distiller
-from kdistill.errors import KDistillError
-from kdistill.hf import SMOLLM2, load_causal_lm, load_causal_lm_tokenizer
+from kdistill.integrations.hf import SMOLLM2, load_causal_lm, load_causal_lm_tokenizer
 from kdistill.lm_eval import (
     evaluating,
     greedy_generate,

@@ -8,7 +8,7 @@ top-k cache), one thread. Three variants, measured in the same run:
 * ``naive``: full student and teacher logits ``(N, V)``, the library's response loss and CE, autograd;
 * ``checkpointed``: the same loss over 1,024-token chunks, each under ``torch.utils.checkpoint``
   (what anyone can write: the chunk's logits are recomputed in the backward pass);
-* ``chunked``: :func:`kdistill.chunked.chunked_distillation_loss`, chunks of 1,024 tokens.
+* ``chunked``: :func:`kdistill.core.chunked.chunked_distillation_loss`, chunks of 1,024 tokens.
 
 Each variant runs in a fresh process, one at a time, so that its peak resident memory is its
 own: the high-water mark ``VmHWM`` after the step minus the resident set before it, with the mark
@@ -38,8 +38,8 @@ import torch.nn.functional as F
 from timing import machine, single_thread, write_tables
 from torch.utils.checkpoint import checkpoint
 
-from kdistill import losses
-from kdistill.chunked import chunked_distillation_loss
+from kdistill.core import losses
+from kdistill.core.chunked import chunked_distillation_loss
 
 HIDDEN, VOCABULARY, CHUNK, TEMPERATURE, TOP_K = 576, 49_152, 1024, 1.0, 20
 VARIANTS = ("naive", "checkpointed", "chunked")

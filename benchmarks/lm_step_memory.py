@@ -5,7 +5,7 @@ The step of ``benchmarks/lm.py``'s distilled arm: SmolLM2-135M teacher, the 6-bl
 labels = the input ids; the teacher's outputs as a per-token top-256 cache coarsened to the student's
 vocabulary, built here by hand from the live teacher for the one batch (``TopKLogits.from_logits`` of
 ``student.coarsen``), as ``TeacherCache.build`` stores them (without the float16 rounding). One forward
-+ backward of the :class:`~kdistill.distiller.Distiller` with ``chunk_tokens`` None (unchunked: full
++ backward of the :class:`~kdistill.core.distiller.Distiller` with ``chunk_tokens`` None (unchunked: full
 ``(N, T, |K| + 1)`` logits) and 1,024 (chunked), at the benchmark's batch (4 blocks × 128 tokens) and at
 8 × 512 tokens.
 
@@ -34,14 +34,15 @@ import time
 from pathlib import Path
 
 import torch
-from lm import student_from
+
 from lm_memory import status_kb
 from timing import machine, single_thread, write_tables
 
+from kdistill.core.distiller import Distiller
+from kdistill.core.losses import TopKLogits
 from kdistill.corpus import ROTTEN_TOMATOES, TokenCorpus
-from kdistill.distiller import Distiller
-from kdistill.hf import SMOLLM2, load_causal_lm, load_causal_lm_tokenizer
-from kdistill.losses import TopKLogits
+from kdistill.integrations.hf import SMOLLM2, load_causal_lm, load_causal_lm_tokenizer
+from kdistill.lm_run import build_student
 
 BLOCK, EVERY, TOP_K, TEMPERATURE, CHUNK = 128, 5, 256, 1.0, 1024
 VARIANTS = {"unchunked": None, "chunked": CHUNK}
@@ -68,7 +69,7 @@ def child(variant: str, blocks: int, tokens: int, inputs_path: Path) -> dict:
     saved = torch.load(inputs_path)
     teacher = load_causal_lm(SMOLLM2)
     teacher.requires_grad_(False)
-    student = student_from(teacher, EVERY, saved["kept"])
+    student = build_student(teacher, {"every": EVERY}, saved["kept"])
     student.train()
     ids = saved["tokens"][: blocks * tokens].reshape(blocks, tokens)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}

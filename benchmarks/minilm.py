@@ -36,7 +36,7 @@ from torch import nn
 from kdistill import Distiller, FeaturePair
 from kdistill.config import TrainConfig, load_config
 from kdistill.data import load_data
-from kdistill.hf import SentenceEncoder, load_model, resolve_path, shrink
+from kdistill.integrations.hf import SentenceEncoder, load_model, resolve_path, shrink
 from kdistill.pipeline import run
 from kdistill.report import parameter_count, time_models
 from kdistill.trainer import Trainer

@@ -46,9 +46,9 @@ from timing import machine, write_tables
 from torch import nn
 
 from kdistill.cache import CachedDistillation
+from kdistill.core.distiller import Distiller
 from kdistill.corpus import ROTTEN_TOMATOES, TokenCorpus
-from kdistill.distiller import Distiller
-from kdistill.hf import SMOLLM2, load_causal_lm, load_causal_lm_tokenizer
+from kdistill.integrations.hf import SMOLLM2, load_causal_lm, load_causal_lm_tokenizer
 from kdistill.lm_eval import evaluating, next_token_logits, perplexity, predicted_ids
 from kdistill.lm_run import build_student, first_blocks
 from kdistill.onpolicy import OnPolicyDistillation, model_eos_id, sample_continuations, teacher_nll_of_samples

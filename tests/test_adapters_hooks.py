@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from kdistill import FeatureRecorder, FeatureShapeError, HookNotFiredError, LayerNotFoundError, build_adapter
-from kdistill.adapters import Resize
-from kdistill.hooks import first_tensor, strip_wrapper_prefixes, unwrap
+from kdistill.core.adapters import Resize
+from kdistill.core.hooks import first_tensor, strip_wrapper_prefixes, unwrap
 
 
 @pytest.mark.parametrize(

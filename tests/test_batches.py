@@ -10,9 +10,9 @@ from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 from kdistill.batches import EpochBatchSampler, make_loader, unpack
 from kdistill.config import TrainConfig
+from kdistill.core.errors import ConfigError
 from kdistill.data import TensorData
 from kdistill.distributed import World
-from kdistill.errors import ConfigError
 from kdistill.pipeline import Supervised
 from kdistill.trainer import Trainer
 from tests.test_trainer import assert_same, toy_data, toy_model

@@ -111,7 +111,7 @@ def test_fresh_views_every_epoch_cannot_be_cached(tmp_path, data):
 
 @pytest.mark.parametrize("k", [1, 3, 8])
 def test_topk_kl_error_is_within_its_stated_bound(k):
-    from kdistill.losses import TopKLogits, kl_rows, topk_kl_rows
+    from kdistill.core.losses import TopKLogits, kl_rows, topk_kl_rows
 
     generator = torch.Generator().manual_seed(k)
     student = torch.randn(64, 30, generator=generator, dtype=torch.float64)
@@ -132,7 +132,7 @@ def test_topk_kl_error_is_within_its_stated_bound(k):
 
 
 def test_topk_with_every_class_kept_is_the_exact_kl():
-    from kdistill.losses import TopKLogits, kl_rows, topk_kl_rows
+    from kdistill.core.losses import TopKLogits, kl_rows, topk_kl_rows
 
     student, teacher = torch.randn(2, 5, 7, dtype=torch.float64).unbind(0)
     top = TopKLogits.from_logits(teacher, 7, 1.5)
@@ -140,7 +140,7 @@ def test_topk_with_every_class_kept_is_the_exact_kl():
 
 
 def test_topk_cache_trains_through_the_distiller(tmp_path, data):
-    from kdistill.losses import TopKLogits
+    from kdistill.core.losses import TopKLogits
 
     torch.manual_seed(0)
     teacher = TinyConvNet(16).eval()

@@ -16,9 +16,9 @@ transformers = pytest.importorskip("transformers")
 
 from kdistill import Distiller, FeaturePair, PrunedVocabulary  # noqa: E402
 from kdistill.cache import CachedDistillation, TeacherCache  # noqa: E402
-from kdistill.distiller import AUTO_CHUNK_VOCABULARY, DEFAULT_CHUNK_TOKENS  # noqa: E402
-from kdistill.errors import ConfigError, NonFiniteLossError  # noqa: E402
-from kdistill.losses import RESPONSE_LOSSES, TopKLogits  # noqa: E402
+from kdistill.core.distiller import AUTO_CHUNK_VOCABULARY, DEFAULT_CHUNK_TOKENS  # noqa: E402
+from kdistill.core.errors import ConfigError, NonFiniteLossError  # noqa: E402
+from kdistill.core.losses import RESPONSE_LOSSES, TopKLogits  # noqa: E402
 from tests import lm_models  # noqa: E402
 from tests.lm_models import gpt2  # noqa: E402
 from tests.test_lm_cache import StandInBlocks  # noqa: E402

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kdistill import chunked, losses
-from kdistill.errors import ConfigError
+from kdistill.core import chunked, losses
+from kdistill.core.errors import ConfigError
 from tests import reference
 
 FLOAT32_EPS = torch.finfo(torch.float32).eps
@@ -585,7 +585,7 @@ def test_unsupported_combinations_are_refused_with_the_reason():
 
 
 def test_the_losses_module_re_exports_the_chunked_loss():
-    from kdistill.losses import chunked_distillation_loss
+    from kdistill.core.losses import chunked_distillation_loss
 
     assert chunked_distillation_loss is chunked.chunked_distillation_loss
 

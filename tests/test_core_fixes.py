@@ -15,10 +15,11 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from kdistill import Distiller, FeaturePair, build_adapter, losses
-from kdistill.adapters import Resize
-from kdistill.errors import ConfigError
-from kdistill.hooks import FeatureRecorder, unwrap
+from kdistill import Distiller, FeaturePair, build_adapter
+from kdistill.core import losses
+from kdistill.core.adapters import Resize
+from kdistill.core.errors import ConfigError
+from kdistill.core.hooks import FeatureRecorder, unwrap
 from tests import reference
 from tests.conftest import TinyConvNet
 
@@ -31,7 +32,7 @@ FLOAT32_EPS = torch.finfo(torch.float32).eps
 
 
 def test_shrink_makes_a_trainable_student_in_train_mode_without_the_teachers_hooks() -> None:
-    from kdistill.hf import shrink
+    from kdistill.integrations.hf import shrink
 
     teacher = nn.Sequential(nn.Linear(4, 8), nn.ModuleList([nn.Linear(8, 8) for _ in range(4)]), nn.Dropout(0.5))
     fired = []

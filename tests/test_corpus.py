@@ -23,8 +23,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from kdistill import corpus as corpus_module
+from kdistill.core.errors import CheckpointError, ConfigError, KDistillError
 from kdistill.corpus import ROTTEN_TOMATOES, CorpusBlocks, TokenCorpus, read_documents
-from kdistill.errors import CheckpointError, ConfigError, KDistillError
 
 EOS = "<eos>"
 

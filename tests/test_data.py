@@ -8,8 +8,8 @@ import torch
 from PIL import Image
 
 from kdistill.config import DataConfig
+from kdistill.core.errors import ConfigError
 from kdistill.data import ShiftViews, load_data
-from kdistill.errors import ConfigError
 
 
 def test_digits_has_fixed_splits_and_normalised_inputs():

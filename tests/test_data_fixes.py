@@ -11,8 +11,8 @@ from PIL import Image
 from kdistill import data as data_module
 from kdistill.cli import main
 from kdistill.config import DataConfig
+from kdistill.core.errors import ConfigError
 from kdistill.data import ShiftViews, Splits, TensorData, load_data, shift, splits_digest
-from kdistill.errors import ConfigError
 from kdistill.models import build_model
 from tests.test_data import write_folder
 

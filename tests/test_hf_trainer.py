@@ -25,7 +25,7 @@ transformers = pytest.importorskip("transformers")
 from kdistill import Distiller, FeaturePair  # noqa: E402
 from kdistill.callbacks import Callback  # noqa: E402
 from kdistill.config import TrainConfig  # noqa: E402
-from kdistill.errors import ConfigError  # noqa: E402
+from kdistill.core.errors import ConfigError  # noqa: E402
 from kdistill.integrations import transformers as kd_hf  # noqa: E402
 from kdistill.integrations.transformers import DistillationTrainer, lora_student, merge_lora  # noqa: E402
 from kdistill.trainer import Trainer  # noqa: E402
@@ -270,7 +270,7 @@ def test_resume_refuses_adapters_of_other_pairs(tmp_path: Path) -> None:
         train_dataset=examples("bert"),
         data_collator=transformers.default_data_collator,
     )
-    from kdistill.errors import CheckpointError
+    from kdistill.core.errors import CheckpointError
 
     with pytest.raises(CheckpointError, match="holds adapters for the pairs"):
         other.train(resume_from_checkpoint=str(tmp_path / "hf" / "checkpoint-2"))
@@ -431,9 +431,9 @@ def test_evaluate_with_the_chunked_loss_gives_the_loss_alone(tmp_path: Path) -> 
 def test_compute_metrics_needs_logits_so_it_turns_auto_chunking_off(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import kdistill.distiller
+    import kdistill.core.distiller
 
-    monkeypatch.setattr(kdistill.distiller, "AUTO_CHUNK_VOCABULARY", VOCAB)  # "auto" chunks this vocabulary
+    monkeypatch.setattr(kdistill.core.distiller, "AUTO_CHUNK_VOCABULARY", VOCAB)  # "auto" chunks this vocabulary
     assert llama_trainer(tmp_path / "auto").distiller.chunk_size is not None
 
     def metrics(prediction: Any) -> dict[str, float]:

@@ -186,3 +186,12 @@ def test_speed_reads_a_fresh_random_batch_each_round():
         assert indices.shape == (128,) and len(set(indices.tolist())) == 128
         assert int(indices.min()) >= 0 and int(indices.max()) < 3600
     assert len({tuple(indices.tolist()) for indices in batches}) == 20  # never the same rows twice
+
+
+@pytest.mark.parametrize("script", sorted(path.stem for path in BENCHMARKS.glob("*.py")))
+def test_every_benchmark_script_imports(script):
+    # A benchmark runs for minutes to an hour: a name it imports from a sibling or from kdistill that
+    # no longer exists must fail here, not at the start of somebody's long run.
+    import importlib
+
+    importlib.import_module(script)

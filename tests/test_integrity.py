@@ -26,8 +26,8 @@ from kdistill.checkpoint import (
     save_weights,
 )
 from kdistill.cli import main
+from kdistill.core.errors import CheckpointError
 from kdistill.data import ShiftViews, TensorData
-from kdistill.errors import CheckpointError
 from tests.conftest import TinyConvNet
 from tests.test_bad_input import DIGITS, digest
 

@@ -18,23 +18,20 @@ from torch import nn
 
 import kdistill
 from kdistill import Distiller
-from kdistill.errors import ClassCountError, VocabularyError
+from kdistill.core.errors import ClassCountError, VocabularyError
 
 PACKAGE = Path(kdistill.__file__).parent
 
-# The layers, named explicitly so that a new module has to be placed on purpose.
-# chunked holds a loss (the vocabulary-chunked KL that losses.py exposes lazily): it is core.
-CORE = {"losses", "chunked", "hooks", "adapters", "distiller", "calls", "errors", "vocabulary"}
-INTEGRATIONS = {"hf"}  # and the package kdistill.integrations (the Hugging Face Trainer)
-APPLICATION = {path.stem for path in PACKAGE.glob("*.py")} - CORE - INTEGRATIONS - {"__init__"}
+# The folder layout is the layering: kdistill/core/ (torch only), kdistill/integrations/ (bridges to
+# other frameworks), and the application at the top level. A new module's folder places it.
+CORE = {f"kdistill.core.{path.stem}" for path in (PACKAGE / "core").glob("*.py")} - {"kdistill.core.__init__"}
+INTEGRATIONS = {f"kdistill.integrations.{path.stem}" for path in (PACKAGE / "integrations").glob("*.py")}
+APPLICATION = {f"kdistill.{path.stem}" for path in PACKAGE.glob("*.py")} - {"kdistill.__init__"}
 
 # What `from kdistill import Distiller, FeaturePair` must not load. tqdm is not listed: torch
 # itself imports it (torch.hub), so its presence says nothing about kdistill.
 HEAVY = ("transformers", "peft", "yaml", "matplotlib", "scipy", "PIL", "safetensors", "onnx")
-NOT_LOADED_BY_THE_CORE = sorted(
-    {f"kdistill.{name}" for name in APPLICATION | INTEGRATIONS}
-    | {"kdistill.integrations", "kdistill.integrations.transformers"}
-)
+NOT_LOADED_BY_THE_CORE = sorted(APPLICATION | INTEGRATIONS | {"kdistill.integrations"})
 
 
 def _loaded_after(statement: str) -> dict[str, list[str]]:
@@ -57,15 +54,17 @@ def _loaded_after(statement: str) -> dict[str, list[str]]:
 
 
 def test_the_layer_lists_cover_every_module() -> None:
-    # A guard for the static test below: the application set is "everything else", so it must
-    # hold the modules the issue names, and the core names must exist.
-    assert {"config", "data", "models", "trainer", "pipeline", "cache", "report", "cli", "checkpoint"} <= APPLICATION
-    assert {path.stem for path in PACKAGE.glob("*.py")} >= CORE | INTEGRATIONS
+    # A guard for the tests below: the folders hold the modules the issue names.
+    core = {"losses", "chunked", "hooks", "adapters", "distiller", "calls", "errors", "vocabulary"}
+    assert {f"kdistill.core.{name}" for name in core} <= CORE
+    application = {"config", "data", "models", "trainer", "pipeline", "cache", "report", "cli", "checkpoint"}
+    assert {f"kdistill.{name}" for name in application} <= APPLICATION
+    assert {"kdistill.integrations.hf", "kdistill.integrations.transformers"} <= INTEGRATIONS
 
 
 def test_library_import_loads_only_the_core() -> None:
     loaded = _loaded_after("from kdistill import Distiller, FeaturePair")
-    assert set(loaded["kdistill"]) - {"kdistill"} <= {f"kdistill.{name}" for name in CORE}
+    assert set(loaded["kdistill"]) - {"kdistill", "kdistill.core"} <= CORE
     assert [name for name in NOT_LOADED_BY_THE_CORE if name in loaded["kdistill"]] == []
     assert [name for name in HEAVY if name in loaded["top"]] == []
 
@@ -79,21 +78,21 @@ def test_library_import_adds_no_third_party_package_beyond_torch() -> None:
 
 
 def _kdistill_imports(path: Path) -> set[str]:
-    """The kdistill modules that ``path`` imports anywhere (top level or inside a function: a lazy
-    import still ties the layers together), as bare names (``"hf"`` for ``kdistill.hf``)."""
+    """The kdistill modules and packages that ``path`` imports anywhere (top level or inside a
+    function: a lazy import still ties the layers together), as dotted names."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
         if isinstance(node, ast.Import):
             modules = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            # `from kdistill import losses` imports the module kdistill.losses.
-            modules = [f"{node.module}.{alias.name}" for alias in node.names] if node.module == "kdistill" else []
-            modules.append(node.module)
+            # `from kdistill.core import losses` imports the module kdistill.core.losses; `from
+            # kdistill import Distiller` imports the package kdistill (its __init__ is checked too).
+            modules = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
         elif isinstance(node, ast.ImportFrom):
             raise AssertionError(f"{path.name}: relative imports are not used in kdistill")
         else:
             continue
-        names.update(module.split(".")[1] for module in modules if module.startswith("kdistill."))
+        names.update(module for module in modules if module.split(".")[0] == "kdistill")
     return names
 
 
@@ -110,8 +109,11 @@ def _third_party_imports(path: Path) -> set[str]:
 
 @pytest.mark.parametrize("module", sorted(CORE))
 def test_core_module_imports_only_the_core_and_torch(module: str) -> None:
-    path = PACKAGE / f"{module}.py"
-    assert sorted(_kdistill_imports(path) - CORE) == []
+    path = PACKAGE / "core" / f"{module.rsplit('.', 1)[1]}.py"
+    # Names imported from a core module (classes, functions) count as that module: they are
+    # "kdistill.core.<module>.<name>"; anything else is outside the core.
+    outside = {name for name in _kdistill_imports(path) if not name.startswith("kdistill.core")}
+    assert sorted(outside) == []
     assert sorted(_third_party_imports(path) - {"torch"}) == []
 
 
@@ -119,13 +121,22 @@ def test_the_static_check_sees_lazy_and_package_imports(tmp_path: Path) -> None:
     # The checker itself must catch every spelling of an import of the application.
     source = tmp_path / "sample.py"
     source.write_text(
-        "from kdistill import losses, report\n"
+        "from kdistill.core import losses\n"
+        "from kdistill import report\n"
         "import kdistill.trainer\n"
         "def f():\n"
-        "    from kdistill.hf import shrink\n"
+        "    from kdistill.integrations.hf import shrink\n"
         "    import yaml\n"
     )
-    assert _kdistill_imports(source) == {"losses", "report", "trainer", "hf"}
+    imported = _kdistill_imports(source)
+    outside_the_core = {name for name in imported if not name.startswith("kdistill.core")}
+    assert outside_the_core == {
+        "kdistill",
+        "kdistill.report",
+        "kdistill.trainer",
+        "kdistill.integrations.hf",
+        "kdistill.integrations.hf.shrink",
+    }
     assert _third_party_imports(source) == {"yaml"}
 
 
@@ -136,7 +147,8 @@ def test_every_public_name_stays_importable() -> None:
 
 
 def test_model_helpers_live_in_the_core_and_keep_their_old_homes() -> None:
-    from kdistill import calls, distiller, hf, hooks
+    from kdistill.core import calls, distiller, hooks
+    from kdistill.integrations import hf
 
     assert hooks.first_tensor is calls.first_tensor
     assert hf.check_vocabularies is calls.check_vocabularies

@@ -11,9 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from kdistill.cache import StaleCacheError, TeacherCache, data_digest, fingerprint
+from kdistill.core.errors import KDistillError
+from kdistill.core.losses import TopKLogits, response_loss
 from kdistill.data import Batched
-from kdistill.errors import KDistillError
-from kdistill.losses import TopKLogits, response_loss
 from tests.test_lm_eval import VOCAB, tiny_llama
 
 TAU = 2.0
@@ -217,7 +217,7 @@ def test_a_coarsened_cache_needs_its_identity(tmp_path):
 
 
 def test_a_topk_cache_trains_a_pruned_vocabulary_student_through_the_distiller(tmp_path):
-    vocabulary = pytest.importorskip("kdistill.vocabulary")
+    vocabulary = pytest.importorskip("kdistill.core.vocabulary")
     from kdistill import Distiller
     from kdistill.cache import CachedDistillation
 

@@ -15,9 +15,9 @@ transformers = pytest.importorskip("transformers")
 
 from kdistill import Distiller, PrunedVocabulary  # noqa: E402
 from kdistill.cache import CachedDistillation  # noqa: E402
-from kdistill.calls import is_causal_lm  # noqa: E402
-from kdistill.errors import ClassCountError, ConfigError, VocabularyError  # noqa: E402
-from kdistill.losses import RESPONSE_LOSSES, TopKLogits  # noqa: E402
+from kdistill.core.calls import is_causal_lm  # noqa: E402
+from kdistill.core.errors import ClassCountError, ConfigError, VocabularyError  # noqa: E402
+from kdistill.core.losses import RESPONSE_LOSSES, TopKLogits  # noqa: E402
 from tests.lm_models import gpt2, llama  # noqa: E402
 
 VOCAB = 64
@@ -458,7 +458,7 @@ def test_a_pruned_student_of_another_vocabulary_is_refused():
 
 
 def test_shrink_copies_the_kept_blocks_exactly():
-    from kdistill.hf import shrink
+    from kdistill.integrations.hf import shrink
 
     teacher = llama(5)
     kept = [0, 2]

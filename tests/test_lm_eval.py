@@ -125,7 +125,7 @@ def pruned(kind: str, kept: list[int]) -> nn.Module:
     """The stand-in above, or kdistill's PrunedVocabulary (helper A's, when present) on a tiny Llama."""
     if kind == "stand-in":
         return PrunedStandIn(kept)
-    vocabulary = pytest.importorskip("kdistill.vocabulary")
+    vocabulary = pytest.importorskip("kdistill.core.vocabulary")
     return vocabulary.PrunedVocabulary(tiny_llama(seed=3), kept).double().eval()
 
 

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kdistill import losses
+from kdistill.core import losses
 from tests import reference
 
 FLOAT32_EPS = torch.finfo(torch.float32).eps
@@ -196,7 +196,7 @@ def test_cosine_feature_loss_is_zero_for_parallel_features_and_respects_mask():
 
 
 def test_unknown_loss_name_lists_known_ones():
-    from kdistill.errors import ConfigError
+    from kdistill.core.errors import ConfigError
 
     with pytest.raises(ConfigError, match="did you mean 'mse'"):
         losses.resolve("mes", losses.FEATURE_LOSSES, "feature")

@@ -12,8 +12,9 @@ from torch import Tensor, nn
 
 from kdistill.callbacks import Callback
 from kdistill.config import TrainConfig
-from kdistill.distiller import Distiller
-from kdistill.errors import ConfigError
+from kdistill.core.distiller import Distiller
+from kdistill.core.errors import ConfigError
+from kdistill.core.vocabulary import PrunedVocabulary
 from kdistill.onpolicy import (
     LIVE_TEACHER_NOTE,
     OnPolicyDistillation,
@@ -23,7 +24,6 @@ from kdistill.onpolicy import (
     teacher_nll_of_samples,
 )
 from kdistill.trainer import Trainer
-from kdistill.vocabulary import PrunedVocabulary
 from tests.test_lm_eval import VOCAB, Blocks, tiny_llama
 
 PROMPT, NEW = 4, 6

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from kdistill import FEATURE_LOSSES, RESPONSE_LOSSES, Distiller, register_feature_loss, register_response_loss
-from kdistill.errors import ConfigError
-from kdistill.losses import kl_divergence
+from kdistill.core.errors import ConfigError
+from kdistill.core.losses import kl_divergence
 
 
 @pytest.fixture(autouse=True)

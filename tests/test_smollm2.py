@@ -10,9 +10,16 @@ import torch
 pytest.importorskip("gguf")
 pytest.importorskip("transformers")
 
-from kdistill.errors import ConfigError
-from kdistill.hf import SMOLLM2, SMOLLM2_FILE, SMOLLM2_SHA256, load_causal_lm, load_causal_lm_tokenizer, shrink
-from kdistill.hf import smollm2_folder as find_folder
+from kdistill.core.errors import ConfigError
+from kdistill.integrations.hf import (
+    SMOLLM2,
+    SMOLLM2_FILE,
+    SMOLLM2_SHA256,
+    load_causal_lm,
+    load_causal_lm_tokenizer,
+    shrink,
+)
+from kdistill.integrations.hf import smollm2_folder as find_folder
 
 pytestmark = pytest.mark.slow
 

@@ -14,8 +14,8 @@ import torch
 import yaml
 
 from kdistill.config import load_config
+from kdistill.core.errors import ConfigError
 from kdistill.data import load_data, trim_padding
-from kdistill.errors import ConfigError
 from kdistill.pipeline import run
 
 transformers = pytest.importorskip("transformers")
@@ -124,7 +124,7 @@ def test_cached_and_live_teacher_train_the_same_text_student(text_setup, tmp_pat
 
 
 def test_shrunk_student_starts_from_the_trained_teacher(text_setup, tmp_path) -> None:
-    from kdistill.hf import shrink
+    from kdistill.integrations.hf import shrink
     from kdistill.models import load_weights
     from kdistill.pipeline import build_pair, cached_teacher_path, shrunk_student_weights
 

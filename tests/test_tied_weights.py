@@ -23,9 +23,9 @@ from kdistill.checkpoint import (  # noqa: E402
     tensors_sha256,
 )
 from kdistill.config import TrainConfig  # noqa: E402
+from kdistill.core.distiller import Distiller  # noqa: E402
+from kdistill.core.errors import CheckpointError  # noqa: E402
 from kdistill.corpus import CorpusBlocks  # noqa: E402
-from kdistill.distiller import Distiller  # noqa: E402
-from kdistill.errors import CheckpointError  # noqa: E402
 from kdistill.models import load_weights  # noqa: E402
 from kdistill.report import size_mb  # noqa: E402
 from kdistill.trainer import Trainer  # noqa: E402

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from kdistill.config import TrainConfig
+from kdistill.core.errors import NonFiniteLossError
 from kdistill.data import ShiftViews, TensorData
-from kdistill.errors import NonFiniteLossError
 from kdistill.pipeline import Supervised
 from kdistill.trainer import Trainer, evaluate
 

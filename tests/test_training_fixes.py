@@ -16,8 +16,8 @@ from torch import nn
 from kdistill import distributed
 from kdistill.checkpoint import load_checkpoint, save_checkpoint
 from kdistill.config import TrainConfig
+from kdistill.core.errors import CheckpointError, ConfigError
 from kdistill.data import TensorData
-from kdistill.errors import CheckpointError, ConfigError
 from kdistill.pipeline import Supervised
 from kdistill.trainer import Trainer, pick_device
 from tests.test_trainer import assert_same, toy_data, toy_model

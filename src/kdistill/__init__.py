@@ -4,13 +4,13 @@
 see the README for the 15-line example.
 
 This module imports the torch-only core and nothing else (docs/architecture.md): no
-``kdistill.hf``/``transformers``, no YAML, plotting, config, data, trainer or pipeline module, so a
+``kdistill.integrations.hf``/``transformers``, no YAML, plotting, config, data, trainer or pipeline module, so a
 library user pays for none of them. tests/test_layering.py checks it in a fresh interpreter.
 """
 
-from kdistill.adapters import build_adapter
-from kdistill.distiller import Distiller, FeaturePair
-from kdistill.errors import (
+from kdistill.core.adapters import build_adapter
+from kdistill.core.distiller import Distiller, FeaturePair
+from kdistill.core.errors import (
     CheckpointError,
     ClassCountError,
     ConfigError,
@@ -20,9 +20,9 @@ from kdistill.errors import (
     LayerNotFoundError,
     NonFiniteLossError,
 )
-from kdistill.hooks import FeatureRecorder
-from kdistill.losses import FEATURE_LOSSES, RESPONSE_LOSSES, register_feature_loss, register_response_loss
-from kdistill.vocabulary import PrunedVocabulary
+from kdistill.core.hooks import FeatureRecorder
+from kdistill.core.losses import FEATURE_LOSSES, RESPONSE_LOSSES, register_feature_loss, register_response_loss
+from kdistill.core.vocabulary import PrunedVocabulary
 
 __version__ = "0.1.0"
 

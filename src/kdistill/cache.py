@@ -19,7 +19,7 @@ the fingerprint, so a cache made for another vocabulary is stale. Top-k storage 
 cached positions, the teacher's rest mass ``r`` outside its top k at ``τ`` (``rest_mass_mean`` /
 ``rest_mass_max``): what bounds the loss's error, since the top-k response term is the full KL less
 ``r·KL(Q_t ‖ Q_s)`` (``Q`` the distributions renormalised over the ids outside the top k; see
-:func:`kdistill.losses.topk_kl_rows`), an error between 0 and ``r`` times a student-dependent KL.
+:func:`kdistill.core.losses.topk_kl_rows`), an error between 0 and ``r`` times a student-dependent KL.
 It also records ``truncation_kl_mean`` / ``truncation_kl_max``, the KL from the teacher to its
 uniform-rest reconstruction (:func:`truncation_kl`): how far the stored entries are from the teacher
 if the rest's mass is spread uniformly, a property of the teacher alone and NOT a bound on the loss's
@@ -59,12 +59,12 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from kdistill import faults
-from kdistill.calls import call_model, default_logits, first_tensor, split_labels, token_mask
 from kdistill.checkpoint import file_sha256, verify_file, write_failure
+from kdistill.core.calls import call_model, default_logits, first_tensor, split_labels, token_mask
+from kdistill.core.errors import CheckpointError, KDistillError
+from kdistill.core.hooks import FeatureRecorder
+from kdistill.core.losses import TopKLogits
 from kdistill.data import Data, Inputs, ShiftViews, TensorData, first_inputs, move, primary, select
-from kdistill.errors import CheckpointError, KDistillError
-from kdistill.hooks import FeatureRecorder
-from kdistill.losses import TopKLogits
 
 FORMAT = 2  # 2: meta.json records a SHA-256 of every file (format-1 caches are refused as stale)
 STORAGE = {"float16": np.float16, "float32": np.float32, "topk": np.float16}  # top-k: the k values (and features)
@@ -229,7 +229,7 @@ class TeacherCache:
         """Run ``teacher`` over every (view, sample) of ``data`` and store its outputs.
 
         ``storage``: ``float16`` or ``float32`` logits, or ``topk``: the ``topk`` largest logits and the
-        log of the remaining probability mass at ``temperature`` (see :func:`kdistill.losses.topk_kl_rows`
+        log of the remaining probability mass at ``temperature`` (see :func:`kdistill.core.losses.topk_kl_rows`
         for the approximation this makes to the KL). Top-k storage records in ``meta.json``, as mean and
         max over every cached position (token positions with attention mask 0 left out):
 
@@ -418,7 +418,7 @@ def truncation_kl(logits: Tensor, indices: Tensor, temperature: float) -> Tensor
     spreads the rest's mass ``r`` uniformly over the other ``C − k``:
     ``KL = Σ_{j ∉ top-k} p_j · log(p_j (C − k) / r)`` (0 when ``k = C`` or ``r = 0``). It measures the
     teacher alone; it is NOT a bound on the top-k loss's error, which is ``r·KL(Q_t ‖ Q_s)`` and depends
-    on the student (see :func:`rest_mass` and :func:`kdistill.losses.topk_kl_rows`).
+    on the student (see :func:`rest_mass` and :func:`kdistill.core.losses.topk_kl_rows`).
 
     Args:
         logits: ``(R, C)``.
@@ -441,7 +441,7 @@ def rest_mass(logits: Tensor, indices: Tensor, temperature: float) -> Tensor:
     """The teacher's mass outside its top k, ``r = Σ_{j ∉ top-k} softmax(logits / τ)_j``, per position.
 
     What bounds the top-k loss's error: ``0 ≤ KL(P_t ‖ P_s) − KL_topk = r·KL(Q_t ‖ Q_s)``, with ``Q``
-    the distributions renormalised over the ids outside the top k (:func:`kdistill.losses.topk_kl_rows`).
+    the distributions renormalised over the ids outside the top k (:func:`kdistill.core.losses.topk_kl_rows`).
 
     Args:
         logits: ``(R, C)``.

@@ -15,7 +15,7 @@ Integrity: every file kdistill writes carries a SHA-256 of its content, checked 
 (cache files once per process): safetensors files hold it in their metadata under
 :data:`DIGEST_KEY` (over the tensors in key order), training checkpoints as an entry
 :data:`DIGEST_KEY` of the saved dict (over a canonical walk of the rest). A mismatch
-raises :class:`~kdistill.errors.CheckpointError` naming the damaged file. Files without
+raises :class:`~kdistill.core.errors.CheckpointError` naming the damaged file. Files without
 a digest (written elsewhere, or by an older kdistill) load as before, unchecked: they
 cannot be told apart from any other foreign file, and refusing them would strand old runs.
 
@@ -41,7 +41,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from kdistill import faults
-from kdistill.errors import CheckpointError, KDistillError
+from kdistill.core.errors import CheckpointError, KDistillError
 
 DIGEST_KEY = "kdistill.sha256"
 ALIASES_KEY = "kdistill.aliases"  # safetensors metadata: {dropped_key: kept_key} of tied tensors

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from kdistill.errors import KDistillError
+from kdistill.core.errors import KDistillError
 
 EXIT_ERROR, EXIT_INTERRUPTED = 2, 130
 
@@ -265,7 +265,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
                 models[role] = shrink(models["teacher"], **model_args).student
             elif name == SMOLLM2:  # the built-in causal-LM teacher (not a BUILTIN_MODELS factory)
-                from kdistill.hf import load_causal_lm
+                from kdistill.integrations.hf import load_causal_lm
 
                 if model_args:
                     raise KDistillError(f"inspect: {SMOLLM2} takes no --args, got {model_args}")
@@ -306,7 +306,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-SMOLLM2 = "smollm2-135m"  # kdistill.hf.SMOLLM2 (hf imports transformers lazily, but keep the CLI light)
+SMOLLM2 = "smollm2-135m"  # kdistill.integrations.hf.SMOLLM2 (hf imports transformers lazily, but keep the CLI light)
 
 
 def _token_sample(seq_len: int) -> tuple[tuple[int, ...], dict[str, Any]]:

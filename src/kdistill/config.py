@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal, Union
 
 import yaml
 
-from kdistill.errors import ConfigError, did_you_mean
+from kdistill.core.errors import ConfigError, did_you_mean
 
 # Upper bounds of the numeric keys. They are far above any sensible value and only catch typos
 # and unit mistakes early, with the key named, instead of hours into a run.
@@ -119,7 +119,7 @@ class StudentConfig(ModelConfig):
 
 TEXT_DATASETS = ("rotten-tomatoes", "text")
 CORPUS = "corpus"  # data.dataset of a language-model run (kdistill.lm_run)
-# The built-in causal-LM teacher's name (kdistill.hf.SMOLLM2; not imported: hf needs transformers).
+# The built-in causal-LM teacher's name (kdistill.integrations.hf.SMOLLM2; not imported: hf needs transformers).
 LM_TEACHERS = ("smollm2-135m", "hf")
 LM_TEACHER_ARGS = ("path", "task", "gguf_file")  # the args of an `hf` causal-LM teacher
 SHRINK_ARGS = ("every", "layers", "path")

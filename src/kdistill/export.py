@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from kdistill.checkpoint import atomic_write, save_weights
-from kdistill.errors import KDistillError
+from kdistill.core.errors import KDistillError
 
 
 def export_safetensors(model: nn.Module, path: str | Path) -> Path:

@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdistill.adapters import build_adapter
-from kdistill.calls import call_model, default_logits, first_tensor
-from kdistill.distiller import FeaturePair
-from kdistill.errors import FeatureShapeError
+from kdistill.core.adapters import build_adapter
+from kdistill.core.calls import call_model, default_logits, first_tensor
+from kdistill.core.distiller import FeaturePair
+from kdistill.core.errors import FeatureShapeError
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Nothing here knows about distillation. Every function takes a Hugging Face style causal LM (called
 as ``model(input_ids=…, attention_mask=…)``, logits in ``.logits``) or anything that looks like one,
-such as :class:`kdistill.vocabulary.PrunedVocabulary`, which is used duck-typed: a model with a
+such as :class:`kdistill.core.vocabulary.PrunedVocabulary`, which is used duck-typed: a model with a
 ``log_probs(logits, ids)`` method gives its full-vocabulary log-probabilities that way, and one with
 ``predict(logits)`` gives its full-vocabulary argmax that way.
 
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from kdistill.calls import call_model, default_logits, split_labels
+from kdistill.core.calls import call_model, default_logits, split_labels
 from kdistill.data import Batched, Inputs, move, primary
 
 IGNORE_INDEX = -100

@@ -38,12 +38,12 @@ from torch import Tensor, nn
 
 from kdistill import faults
 from kdistill.cache import CachedDistillation, TeacherCache, fingerprint
-from kdistill.calls import is_causal_lm
 from kdistill.checkpoint import atomic_write
 from kdistill.config import CORPUS, Config, dump_config, from_dict, read_prompt_file, read_yaml, to_dict
+from kdistill.core.calls import is_causal_lm
+from kdistill.core.distiller import Distiller
+from kdistill.core.errors import CheckpointError, ConfigError, KDistillError
 from kdistill.corpus import CorpusBlocks, TokenCorpus
-from kdistill.distiller import Distiller
-from kdistill.errors import CheckpointError, ConfigError, KDistillError
 from kdistill.models import load_weights
 from kdistill.report import parameter_count, size_mb
 from kdistill.rundir import RunLock, check_out_path, check_run_dir, move_results_aside
@@ -67,8 +67,8 @@ BYTES = {"float16": 2, "float32": 4}
 
 
 def teacher_source(config: Config) -> tuple[str, str | None]:
-    """``(path, gguf_file)`` of the config's teacher for :func:`kdistill.hf.load_causal_lm`."""
-    from kdistill.hf import SMOLLM2
+    """``(path, gguf_file)`` of the config's teacher for :func:`kdistill.integrations.hf.load_causal_lm`."""
+    from kdistill.integrations.hf import SMOLLM2
 
     if config.teacher.model == SMOLLM2:
         return SMOLLM2, None
@@ -82,7 +82,7 @@ def load_teacher(config: Config) -> tuple[nn.Module, Any]:
     Raises:
         ConfigError: the directory holds no causal LM (e.g. a classifier) or no tokenizer.
     """
-    from kdistill.hf import load_causal_lm, load_causal_lm_tokenizer
+    from kdistill.integrations.hf import load_causal_lm, load_causal_lm_tokenizer
 
     path, gguf_file = teacher_source(config)
     try:
@@ -102,10 +102,10 @@ def load_teacher(config: Config) -> tuple[nn.Module, Any]:
 
 
 def build_student(teacher: nn.Module, student_args: Mapping[str, Any], kept: list[int] | None) -> nn.Module:
-    """The student before training: the teacher's kept blocks (:func:`kdistill.hf.shrink`), its
-    vocabulary cut to ``kept`` (:class:`~kdistill.vocabulary.PrunedVocabulary`) unless None."""
+    """The student before training: the teacher's kept blocks (:func:`kdistill.integrations.hf.shrink`), its
+    vocabulary cut to ``kept`` (:class:`~kdistill.core.vocabulary.PrunedVocabulary`) unless None."""
+    from kdistill.core.vocabulary import PrunedVocabulary
     from kdistill.pipeline import shrink
-    from kdistill.vocabulary import PrunedVocabulary
 
     student = shrink(teacher, **student_args).student
     return PrunedVocabulary(student, kept) if kept is not None else student

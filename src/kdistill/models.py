@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdistill.errors import CheckpointError, ConfigError, did_you_mean
+from kdistill.core.errors import CheckpointError, ConfigError, did_you_mean
 
 
 def _positive(model: str, **sizes: object) -> None:
@@ -168,7 +168,7 @@ def hf_model(
 
     ``task``: sequence-classification (default), token-classification, causal-lm or base.
     Needs ``kdistill[transformers]``; nothing is downloaded."""
-    from kdistill.hf import load_model
+    from kdistill.integrations.hf import load_model
 
     if task in ("sequence-classification", "token-classification") and num_classes is not None:
         kwargs.setdefault("num_labels", num_classes)
@@ -283,7 +283,7 @@ def load_weights(model: nn.Module, path: str | Path, role: str = "model") -> Non
     """Load a safetensors file or a plain state dict (``torch.load(weights_only=True)``) into ``model``.
 
     Nothing is unpickled beyond tensors and containers; a truncated file or one made for
-    another architecture raises :class:`~kdistill.errors.CheckpointError` naming the problem.
+    another architecture raises :class:`~kdistill.core.errors.CheckpointError` naming the problem.
 
     Tied weights stay tied: ``load_state_dict`` copies into the model's existing parameters, so an
     embedding and head that are one ``Parameter`` remain one. A file that holds a tied tensor once

@@ -18,7 +18,7 @@ with, are hashes of ``(seed, epoch, the batch's sample indices)``. Nothing is dr
 RNG, so a checkpoint needs no extra state and a resumed run samples exactly what the uninterrupted one
 sampled (on the same machine and thread count).
 
-Positions follow the Hugging Face causal-LM convention (spec §6, :func:`kdistill.distiller.next_token_positions`):
+Positions follow the Hugging Face causal-LM convention (spec §6, :func:`kdistill.core.distiller.next_token_positions`):
 labels are the input ids unshifted, the logits at ``t`` predict the token at ``t + 1``, and positions
 labelled −100 or with attention mask 0 count nowhere.
 """
@@ -36,11 +36,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdistill.calls import default_logits, split_labels
+from kdistill.core.calls import default_logits, split_labels
+from kdistill.core.errors import ConfigError
+from kdistill.core.vocabulary import PrunedVocabulary
 from kdistill.data import Batched, primary
-from kdistill.errors import ConfigError
 from kdistill.lm_eval import IGNORE_INDEX, _kv_cache, device_of, evaluating, token_log_probs
-from kdistill.vocabulary import PrunedVocabulary
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +74,10 @@ def sample_next_ids(
     """One sampled full-vocabulary id per row from next-token logits ``(N, C)`` → ``(N,)`` long.
 
     ``softmax(logits / temperature)`` (a pruned student's logits tempered as its full-vocabulary logits
-    are, see :meth:`~kdistill.vocabulary.PrunedVocabulary.tempered`), cut to its top-p nucleus (the
+    are, see :meth:`~kdistill.core.vocabulary.PrunedVocabulary.tempered`), cut to its top-p nucleus (the
     fewest most probable entries whose mass reaches ``top_p``, renormalised), sampled with
     ``generator``. For a
-    :class:`~kdistill.vocabulary.PrunedVocabulary` the draw is over its ``|K| + 1`` compact ids (top-p
+    :class:`~kdistill.core.vocabulary.PrunedVocabulary` the draw is over its ``|K| + 1`` compact ids (top-p
     too: "other" is one entry) and a drawn "other" becomes an id drawn uniformly from the ``V − |K|``
     dropped ids, which is exactly the full-vocabulary distribution the spec gives the pruned student
     (``p(v) = p(other) / (V − |K|)`` for ``v ∉ K``). Every call draws the same number of random
@@ -216,7 +216,7 @@ class OnPolicyDistillation(nn.Module):
     """A fraction λ of the batches trains on the student's own samples, scored by the live teacher.
 
     Args:
-        distiller: a :class:`~kdistill.distiller.Distiller` of causal LMs (``causal_lm``), whose response
+        distiller: a :class:`~kdistill.core.distiller.Distiller` of causal LMs (``causal_lm``), whose response
             loss is the divergence (``jsd`` with β = 0.5 as in GKD, ``reverse_kl`` as in MiniLLM: the
             distiller's choice, at its τ).
         fraction: λ in [0, 1], the probability that a batch is on-policy.

@@ -25,16 +25,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdistill import distributed, faults, losses
+from kdistill import distributed, faults
 from kdistill.cache import CachedDistillation, TeacherCache, check_space, fingerprint
-from kdistill.calls import call_model, default_logits
 from kdistill.checkpoint import atomic_write, save_weights
 from kdistill.config import CORPUS, Config, PairConfig, differences, dump_config, from_dict, read_yaml, to_dict
+from kdistill.core import losses
+from kdistill.core.calls import call_model, default_logits
+from kdistill.core.distiller import Distiller, FeaturePair
+from kdistill.core.errors import CheckpointError, ConfigError, KDistillError
+from kdistill.core.losses import cross_entropy
 from kdistill.data import Inputs, ShiftViews, Splits, load_data, primary, splits_digest
-from kdistill.distiller import Distiller, FeaturePair
-from kdistill.errors import CheckpointError, ConfigError, KDistillError
 from kdistill.layers import propose_pairs
-from kdistill.losses import cross_entropy
 from kdistill.models import build_model, check_model_name, load_weights
 from kdistill.report import measure, write_report
 from kdistill.rundir import RunLock, check_out_path, check_run_dir, move_results_aside
@@ -138,9 +139,9 @@ def sample_inputs(splits: Splits) -> Inputs:
 
 
 def shrink(teacher: nn.Module, *, plan_only: bool = False, **args: Any) -> Any:
-    """:func:`kdistill.hf.shrink` with the config's ``args`` (``every`` or ``layers``, ``path``);
-    ``plan_only``: just :func:`kdistill.hf.shrink_plan`, copying nothing."""
-    from kdistill import hf
+    """:func:`kdistill.integrations.hf.shrink` with the config's ``args`` (``every`` or ``layers``, ``path``);
+    ``plan_only``: just :func:`kdistill.integrations.hf.shrink_plan`, copying nothing."""
+    from kdistill.integrations import hf
 
     unknown = sorted(set(args) - {"every", "layers", "path"})
     if unknown:
@@ -189,7 +190,7 @@ def proposed_pairs(
     """``feature_pairs: auto``: for a ``shrink`` student each kept block ↔ the teacher block it was
     copied from, else :func:`kdistill.layers.propose_pairs`."""
     if student_model == "shrink":
-        from kdistill.hf import copied_block_pairs
+        from kdistill.integrations.hf import copied_block_pairs
 
         return [FeaturePair(**pair) for pair in copied_block_pairs(*shrink(teacher, plan_only=True, **student_args))]
     return propose_pairs(teacher, student, sample)

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from kdistill.calls import call_model, default_logits
 from kdistill.checkpoint import untied
+from kdistill.core.calls import call_model, default_logits
 from kdistill.data import Data, Inputs, first_inputs, primary, select, trim_padding
 
 ROLES = ("teacher", "baseline", "student")

@@ -18,7 +18,7 @@ import os
 import shutil
 from pathlib import Path
 
-from kdistill.errors import ConfigError, KDistillError
+from kdistill.core.errors import ConfigError, KDistillError
 
 RESULT_FILES = ("report.json", "report.md", "plots", "config.yaml", "teacher", "baseline", "distill")
 LOCK_NAME = ".kdistill.lock"

@@ -35,8 +35,8 @@ from kdistill.batches import epoch_batches, loader_length, make_loader, unpack
 from kdistill.callbacks import Callback, MetricsWriter, ProgressBar, SelectBest, SigintRequestsStop
 from kdistill.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint, save_weights
 from kdistill.config import TrainConfig
+from kdistill.core.errors import CheckpointError, ConfigError, NonFiniteLossError
 from kdistill.data import TensorData, move
-from kdistill.errors import CheckpointError, ConfigError, NonFiniteLossError
 
 CHECKPOINT_FORMAT = 1
 
@@ -83,7 +83,7 @@ def eval_batches(data: Any, batch_size: int) -> Iterable[Any]:
 @torch.inference_mode()
 def evaluate(model: nn.Module, data: Any, batch_size: int, device: torch.device | str = "cpu") -> dict[str, float]:
     """Top-1 accuracy and mean cross-entropy of ``model`` (logits out) on ``data`` (see :func:`eval_batches`)."""
-    from kdistill.calls import call_model, default_logits
+    from kdistill.core.calls import call_model, default_logits
 
     was_training = model.training
     model.eval()

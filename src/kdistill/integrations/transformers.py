@@ -47,9 +47,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from kdistill.calls import default_logits, first_tensor, is_causal_lm
-from kdistill.distiller import Distiller, FeaturePair
-from kdistill.errors import CheckpointError, ConfigError
+from kdistill.core.calls import default_logits, first_tensor, is_causal_lm
+from kdistill.core.distiller import Distiller, FeaturePair
+from kdistill.core.errors import CheckpointError, ConfigError
 
 try:
     import transformers
@@ -212,13 +212,13 @@ class DistillationTrainer(transformers.Trainer):
         teacher: the trained model; frozen, put in eval mode and on the student's device.
         feature_pairs: layers to match (paths as in ``named_modules()``); ``()`` for response only.
         alpha, beta, temperature: the formula's ``α``, ``β``, ``τ``.
-        divergence: the response loss, a name in :data:`kdistill.losses.RESPONSE_LOSSES` or a
+        divergence: the response loss, a name in :data:`kdistill.core.losses.RESPONSE_LOSSES` or a
             function ``(student_rows, teacher_rows, τ) -> scalar``.
         temperature_squared, ignore_index, causal_lm, teacher_dtype, logits_fn, feature_fn: as for
             :class:`~kdistill.Distiller`.
         chunk_tokens: the chunked loss for causal LMs (``chunk_tokens`` of :class:`~kdistill.Distiller`):
             a number of positions per chunk, ``"auto"`` (the default: on for a vocabulary of at least
-            :data:`kdistill.distiller.AUTO_CHUNK_VOCABULARY` ids, as the config's ``distill.chunk_tokens``)
+            :data:`kdistill.core.distiller.AUTO_CHUNK_VOCABULARY` ids, as the config's ``distill.chunk_tokens``)
             or None (off). Chunked, the loss has no logits: evaluation gives the loss alone (see
             :meth:`prediction_step`). With a ``compute_metrics``, which reads the logits, ``"auto"``
             means off and a number is refused.

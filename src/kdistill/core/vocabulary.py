@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdistill.errors import ConfigError, VocabularyError
+from kdistill.core.errors import ConfigError, VocabularyError
 
 
 class PrunedVocabulary(nn.Module):

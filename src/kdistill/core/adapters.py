@@ -21,7 +21,7 @@ Rules, by the feature's number of dimensions (batch first):
   differ (average pooling when the teacher's map is an integer factor smaller,
   bilinear interpolation otherwise).
 
-Anything else raises :class:`~kdistill.errors.FeatureShapeError`.
+Anything else raises :class:`~kdistill.core.errors.FeatureShapeError`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from typing import Literal
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdistill.errors import ConfigError, FeatureShapeError
+from kdistill.core.errors import ConfigError, FeatureShapeError
 
 Layout = Literal["tokens", "channels"]
 LAYOUTS = ("tokens", "channels")

@@ -21,8 +21,8 @@ from typing import Any
 from torch import Tensor, nn
 
 # Re-exported: the check moved to the torch-only core, which must not import this module.
-from kdistill.calls import check_vocabularies as check_vocabularies
-from kdistill.errors import ConfigError
+from kdistill.core.calls import check_vocabularies as check_vocabularies
+from kdistill.core.errors import ConfigError
 
 TASKS = {
     "sequence-classification": "AutoModelForSequenceClassification",

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdistill import losses
-from kdistill.errors import ClassCountError, ConfigError
+from kdistill.core import losses
+from kdistill.core.errors import ClassCountError, ConfigError
 
 TEACHER_ROWS = 256
 """Rows of teacher logits computed at once: ``(256, V)``, 50 MB at V = 49,152."""
@@ -76,7 +76,7 @@ def _jsd_gradient(log_p_student: Tensor, log_p_teacher: Tensor, beta: float = 0.
     """``β·KL(P_t ‖ M) + (1 − β)·KL(P_s ‖ M)``, ``M = β·P_t + (1 − β)·P_s``; ``u = (1 − β)(log P_s − log M)``.
 
     (The ``−β·P_t/M`` and ``−(1 − β)·P_s/M`` terms of ``∂/∂P_s`` sum to the constant ``−1``.)
-    ``β = 0`` and ``β = 1`` are the forward and reverse KL, as in :func:`kdistill.losses.generalized_jsd`.
+    ``β = 0`` and ``β = 1`` are the forward and reverse KL, as in :func:`kdistill.core.losses.generalized_jsd`.
     """
     losses._check_weight("the jsd beta", beta)
     if beta == 0:
@@ -121,7 +121,7 @@ def _tvd_gradient(log_p_student: Tensor, log_p_teacher: Tensor) -> tuple[Tensor,
 
 
 def _topk_kl_gradient(log_p_student: Tensor, teacher: losses.TopKLogits, temperature: float) -> tuple[Tensor, Tensor]:
-    """The coarse KL of :func:`kdistill.losses.topk_kl_rows` and its gradient w.r.t. ``s``.
+    """The coarse KL of :func:`kdistill.core.losses.topk_kl_rows` and its gradient w.r.t. ``s``.
 
     ``f = −Σ_{i∈K} a_i log P_s(i) − r·log P_s(rest)`` + constants, with ``a`` the teacher's top-k
     probabilities and ``r`` its remaining mass, so ``∂f/∂s_j = P_s(j)·(Σa + r) − a_j`` for ``j ∈ K``
@@ -478,7 +478,7 @@ def chunked_distillation_loss(
     """The Distiller's ``loss``, ``ce`` and ``response`` from hidden states and heads, chunk by chunk.
 
     Equal (to rounding) to computing ``logits = student_head(student_hidden)`` and the teacher's
-    logits in full, then ``response = τ² · mean_rows D(P_s, P_t)`` (:func:`kdistill.losses.response_loss`
+    logits in full, then ``response = τ² · mean_rows D(P_s, P_t)`` (:func:`kdistill.core.losses.response_loss`
     with the registry's ``divergence``), ``ce = mean_rows CE(logits, labels)`` and
     ``loss = β·α·response + w·ce`` with ``w = ce_weight`` (the Distiller's ``L_total`` without feature
     terms); but the extra
@@ -491,12 +491,12 @@ def chunked_distillation_loss(
             included), or ``(weight, bias or None)``.
         teacher: logits ``(N, V)``; or ``(teacher_hidden (N, H_t), teacher_head)`` so its logits
             are computed block by block and never held in full; or a
-            :class:`kdistill.losses.TopKLogits` with ``(N, k)`` entries (the ``kl`` loss only);
+            :class:`kdistill.core.losses.TopKLogits` with ``(N, k)`` entries (the ``kl`` loss only);
             or ``(teacher_hidden, teacher_head, transform)``, ``transform`` mapping ``(b, V_t)``
             teacher logits row by row to ``(b, V)`` (e.g. a pruned student's ``coarsen``);
             or None: no teacher, ``response`` is 0 and the loss is ``ce`` alone.
         labels: ``(N,)`` class ids or None (then ``ce`` is 0).
-        divergence: a name in :data:`kdistill.losses.RESPONSE_LOSSES`, or a row-wise response loss
+        divergence: a name in :data:`kdistill.core.losses.RESPONSE_LOSSES`, or a row-wise response loss
             (e.g. ``functools.partial(generalized_jsd, beta=0.9)``); not ``dist``, which is not row-wise.
             Like every registry entry it must return the *mean* over its rows, without ``τ²``.
         temperature: ``τ > 0``; alpha, beta: the Distiller's weights.
@@ -509,7 +509,7 @@ def chunked_distillation_loss(
             while the labels still select the scored rows and ``ce`` is still reported.
         response_offset: ``(V,)`` constants added to every row of the student's logits in the response
             term only (CE reads the logits as they are), e.g. a pruned student's
-            :meth:`kdistill.vocabulary.PrunedVocabulary.tempered_offset`, which tempers its "other"
+            :meth:`kdistill.core.vocabulary.PrunedVocabulary.tempered_offset`, which tempers its "other"
             column as its full-vocabulary logits are tempered. None: no offset. Every divergence path
             (analytic, top-k, autograd fallback) reads the shifted logits; the gradient w.r.t. the
             logits is the one w.r.t. the shifted logits, a constant offset having derivative 1.

@@ -12,12 +12,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdistill import chunked, losses
-from kdistill.adapters import LAYOUTS, Layout, build_adapter, infer_layout
+from kdistill.core import chunked, losses
+from kdistill.core.adapters import LAYOUTS, Layout, build_adapter, infer_layout
 
 # The model-calling helpers lived here and stay importable from this module (callers outside the
-# core should import them from kdistill.calls).
-from kdistill.calls import (
+# core should import them from kdistill.core.calls).
+from kdistill.core.calls import (
     call_model,
     check_vocabularies,
     default_logits,
@@ -26,10 +26,10 @@ from kdistill.calls import (
     split_labels,
     token_mask,
 )
-from kdistill.errors import ClassCountError, ConfigError, FeatureShapeError, NonFiniteLossError
-from kdistill.hooks import FeatureRecorder, StopForward, find_module
-from kdistill.losses import TopKLogits
-from kdistill.vocabulary import PrunedVocabulary
+from kdistill.core.errors import ClassCountError, ConfigError, FeatureShapeError, NonFiniteLossError
+from kdistill.core.hooks import FeatureRecorder, StopForward, find_module
+from kdistill.core.losses import TopKLogits
+from kdistill.core.vocabulary import PrunedVocabulary
 
 TeacherLogits = Tensor | TopKLogits  # dense (..., C) logits, or a top-k cache's
 
@@ -59,10 +59,10 @@ class FeaturePair:
         student: dotted path of the student layer (as in ``named_modules()``).
         teacher: dotted path of the teacher layer.
         weight: ``w_i`` in the spec's ``L_feat = Σ w_i · MSE``.
-        loss: a name in :data:`kdistill.losses.FEATURE_LOSSES` or a function.
+        loss: a name in :data:`kdistill.core.losses.FEATURE_LOSSES` or a function.
         adapter: a module to use instead of the one built from the shapes.
         layout: how to read 3-D features: ``"tokens"`` ``(N, T, D)`` or ``"channels"``
-            ``(N, C, L)``; None infers it (see :mod:`kdistill.adapters`).
+            ``(N, C, L)``; None infers it (see :mod:`kdistill.core.adapters`).
     """
 
     student: str
@@ -94,12 +94,12 @@ class Distiller(nn.Module):
         beta: ``β``, weight of ``L_distill`` against the cross-entropy.
         temperature: ``τ``.
         temperature_squared: multiply the response term by ``τ²`` (default on).
-        response_loss: a name in :data:`kdistill.losses.RESPONSE_LOSSES` or a function
+        response_loss: a name in :data:`kdistill.core.losses.RESPONSE_LOSSES` or a function
             ``(student_rows, teacher_rows, τ) -> scalar``.
         ignore_index: label value of rows left out of the response and CE terms.
         logits_fn: extracts the logits from a model output (default :func:`default_logits`).
         feature_fn: extracts a tensor from a hooked layer's output (default
-            :func:`kdistill.calls.first_tensor`).
+            :func:`kdistill.core.calls.first_tensor`).
         sample_input: if given, adapters are built now from the shapes it produces;
             otherwise at the first forward (call :meth:`build` before creating an optimizer).
         check_finite: raise :class:`NonFiniteLossError` naming the term when the loss
@@ -107,10 +107,10 @@ class Distiller(nn.Module):
         teacher_dtype: run the teacher under autocast to this dtype (``torch.bfloat16`` or
             ``torch.float16`` on CUDA) to halve its cost; the losses stay float32.
         causal_lm: the models are causal language models (spec section 6): the logits at ``t``
-            predict the token at ``t + 1``. None decides by :func:`kdistill.calls.is_causal_lm`
+            predict the token at ``t + 1``. None decides by :func:`kdistill.core.calls.is_causal_lm`
             of the student.
         chunk_tokens: for a causal LM, compute the head, the response term and CE ``chunk_tokens``
-            positions at a time with :func:`kdistill.chunked.chunked_distillation_loss`, so that no
+            positions at a time with :func:`kdistill.core.chunked.chunked_distillation_loss`, so that no
             ``(N, T, V)`` logits tensor exists (see "Chunked loss" below). None (the default): off,
             the logits are computed in full. ``"auto"``: on, with :data:`DEFAULT_CHUNK_TOKENS`, for a
             causal LM whose vocabulary is at least :data:`AUTO_CHUNK_VOCABULARY` and whose models
@@ -129,7 +129,7 @@ class Distiller(nn.Module):
     is taken out and used as the labels; neither model ever receives it, so a Hugging Face
     model computes no loss of its own and ``ignore_index`` applies. Given both ways, the
     ``labels`` argument and the entry must be equal (or the same tensor); different values
-    raise :class:`~kdistill.errors.ConfigError` rather than silently pick one.
+    raise :class:`~kdistill.core.errors.ConfigError` rather than silently pick one.
 
     With ``alpha = 0`` the response term carries no weight but is still reported, computed
     without gradient, whenever teacher logits exist (a live teacher, or a cache). When there
@@ -143,15 +143,15 @@ class Distiller(nn.Module):
     count in neither CE nor the response term, which uses exactly the positions CE scores (all
     but the last when there are no labels). The ``logits`` entry stays unshifted ``(N, T, C)``.
 
-    A :class:`~kdistill.vocabulary.PrunedVocabulary` student predicts ``|K| + 1`` compact ids. CE is
+    A :class:`~kdistill.core.vocabulary.PrunedVocabulary` student predicts ``|K| + 1`` compact ids. CE is
     taken on ``student.compact(labels)``: for a label outside K it is ``−log p_s(other)``, which is
     the full-vocabulary NLL ``−log p_s(v) = −log p_s(other) + log(rest)`` minus the constant
     ``log(rest)``, so the gradient is the full-vocabulary one. A live teacher's logits (and cached
     dense ones with ``V`` columns) are coarsened with ``student.coarsen(·, τ)``; a cached
-    :class:`~kdistill.losses.TopKLogits` is taken as already coarsened (its indices compact ids).
+    :class:`~kdistill.core.losses.TopKLogits` is taken as already coarsened (its indices compact ids).
     The response term tempers the student as its full-vocabulary logits are, ``softmax(z_full / τ)``
     coarsened to ``K ∪ {other}``: its compact logits plus ``(τ − 1)·log(rest)`` on "other"
-    (:meth:`~kdistill.vocabulary.PrunedVocabulary.tempered`), so a teacher whose full distribution is
+    (:meth:`~kdistill.core.vocabulary.PrunedVocabulary.tempered`), so a teacher whose full distribution is
     the student's scores 0 at any τ. CE, at ``τ = 1``, reads the compact logits as they are.
 
     Chunked loss (``chunk_tokens``): the student and a live teacher run with their output heads
@@ -159,7 +159,7 @@ class Distiller(nn.Module):
     states ``(N, T, H)``, is captured and the head returns an empty ``(N, T, 0)`` stand-in, so no
     full logits are computed. The hidden states are shifted like logits (``[:, :-1]`` against
     ``labels[:, 1:]``), and ``chunked_distillation_loss`` gets the student's head (for a
-    :class:`~kdistill.vocabulary.PrunedVocabulary` student: its cut head and the bias
+    :class:`~kdistill.core.vocabulary.PrunedVocabulary` student: its cut head and the bias
     ``(0, …, 0, other_bias)``, so ``other_bias`` gets its gradient; the inner model is called on the
     compact ids), and the teacher's hidden states and head (coarsened chunk by chunk for a pruned
     student) or the cached logits / :class:`TopKLogits`. Loss, ``ce``, ``response`` and every

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kdistill.errors import ConfigError, did_you_mean
+from kdistill.core.errors import ConfigError, did_you_mean
 
 ResponseLoss = Callable[..., Tensor]  # (student_rows, teacher_rows, temperature[, labels=rows]) -> scalar
 FeatureLoss = Callable[[Tensor, Tensor, "Tensor | None"], Tensor]
@@ -462,9 +462,9 @@ def resolve(loss: str | Callable, registry: dict[str, Callable], kind: str) -> C
 
 
 def __getattr__(name: str) -> Any:
-    """``losses.chunked_distillation_loss`` lives in :mod:`kdistill.chunked` (which imports this module)."""
+    """``losses.chunked_distillation_loss`` lives in :mod:`kdistill.core.chunked` (which imports this module)."""
     if name == "chunked_distillation_loss":
-        from kdistill.chunked import chunked_distillation_loss
+        from kdistill.core.chunked import chunked_distillation_loss
 
         return chunked_distillation_loss
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

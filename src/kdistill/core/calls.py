@@ -3,7 +3,7 @@ labels, and check that a teacher and a student read the same tokens.
 
 Torch only, duck-typed: Hugging Face models work here through the attributes they carry
 (``.logits``, ``attention_mask``, ``config.vocab_size``), never through a ``transformers`` import, so
-the core (:mod:`kdistill.distiller`, :mod:`kdistill.hooks`) and the application (cache, report,
+the core (:mod:`kdistill.core.distiller`, :mod:`kdistill.core.hooks`) and the application (cache, report,
 pipeline, trainer) share one set of rules. See docs/architecture.md for the layers.
 """
 
@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdistill.errors import ClassCountError, ConfigError, VocabularyError
-from kdistill.vocabulary import PrunedVocabulary
+from kdistill.core.errors import ClassCountError, ConfigError, VocabularyError
+from kdistill.core.vocabulary import PrunedVocabulary
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
@@ -108,7 +108,7 @@ def first_tensor(output: Any) -> Tensor:
 def is_causal_lm(model: nn.Module) -> bool:
     """Is ``model`` a causal language model, whose logits at ``t`` predict the token at ``t + 1``?
 
-    True for a :class:`~kdistill.vocabulary.PrunedVocabulary` and for a model whose class name ends
+    True for a :class:`~kdistill.core.vocabulary.PrunedVocabulary` and for a model whose class name ends
     in ``ForCausalLM`` or ``LMHeadModel`` (the Hugging Face naming: ``LlamaForCausalLM``,
     ``GPT2LMHeadModel``); by name so that the core needs no ``transformers`` import; a wrapper
     (peft's ``PeftModel``, DDP, ``torch.compile``) is asked about the model it wraps. Token

@@ -12,8 +12,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from kdistill.calls import first_tensor  # re-export: the default feature rule lived here
-from kdistill.errors import HookNotFiredError, LayerNotFoundError, did_you_mean
+from kdistill.core.calls import first_tensor  # re-export: the default feature rule lived here
+from kdistill.core.errors import HookNotFiredError, LayerNotFoundError, did_you_mean
 
 # Prefixes that wrappers add to module names (DistributedDataParallel, torch.compile).
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
