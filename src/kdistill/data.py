@@ -1,8 +1,10 @@
 """Datasets without downloads: built-in real data, and users' folders, arrays and factories.
 
-Every dataset is held in memory with integer labels. Images and vectors are float tensors
-``(N, C, H, W)`` (or ``(N, D)``), normalised with the training split's mean and standard
-deviation; text is tokenized once into a dict of ``(N, T)`` tensors (``input_ids``,
+Every dataset has integer labels. Built-in sets, compressed ``.npz`` arrays and text are held in
+memory; image folders, uncompressed ``.npz`` arrays (memory-mapped) and a factory's datasets are
+read a batch at a time. Images and vectors are float tensors ``(N, C, H, W)`` (or ``(N, D)``),
+normalised with the training split's mean and standard deviation (from a bounded sample when the
+data is large); text is tokenized once into a dict of ``(N, T)`` tensors (``input_ids``,
 ``attention_mask``, …) that models receive as keyword arguments, each batch trimmed to its
 longest sentence. Splits are fixed: the same config gives the same train/validation/test samples.
 """
@@ -10,7 +12,9 @@ longest sentence. Splits are fixed: the same config gives the same train/validat
 from __future__ import annotations
 
 import hashlib
+import math
 import os
+import struct
 import zipfile
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -185,7 +189,7 @@ class LazyData(Batched):
 
     def subset(self, positions: Tensor) -> LazyData:
         """The split made of this split's ``positions``."""
-        part = LazyData(self.dataset, self.rows[positions], self.labels[positions], self.source)
+        part = type(self)(self.dataset, self.rows[positions], self.labels[positions], self.source)
         part.mean, part.std = self.mean, self.std
         return part
 
@@ -380,35 +384,40 @@ def _image_folder(root: Path, image_size: list[int] | None, batch_size: int = 12
     classes = sorted(p.name for p in root.iterdir() if p.is_dir())
     if not classes:
         raise ConfigError(f"image folder {str(root)!r} has no class sub-folders (expected {root}/<class>/<image>)")
-    files = [
-        (f, index)
-        for index, c in enumerate(classes)
-        for f in sorted((root / c).iterdir())
-        if f.suffix.lower() in IMAGE_SUFFIXES
-    ]
+    files, labels, colour, size = [], [], False, None
+    for label, name in enumerate(classes):
+        for entry in sorted(os.listdir(root / name)):
+            if os.path.splitext(entry)[1].lower() not in IMAGE_SUFFIXES:
+                continue
+            path = os.path.join(root, name, entry)
+            # Headers only: PIL reads the size and mode without decoding, so the memory estimate comes first.
+            try:
+                with Image.open(path) as image:
+                    colour = colour or image.mode not in ("L", "1", "P", "I", "I;16")
+                    size = size or image.size
+            except unreadable as error:
+                raise ConfigError(f"cannot read image {path!r}: {error}") from None
+            files.append(os.fsencode(path))
+            labels.append(label)
     if not files:
         raise ConfigError(f"image folder {str(root)!r} has no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    # Headers only: PIL reads the size and mode without decoding, so the memory estimate comes first.
-    modes, sizes = [], []
-    for path, _ in files:
-        try:
-            with Image.open(path) as image:
-                modes.append(image.mode)
-                sizes.append(image.size)
-        except unreadable as error:
-            raise ConfigError(f"cannot read image {str(path)!r}: {error}") from None
-    mode = "L" if all(m in ("L", "1", "P", "I", "I;16") for m in modes) else "RGB"
-    size = tuple(image_size[::-1]) if image_size else sizes[0]  # PIL sizes are (W, H)
+    mode = "RGB" if colour else "L"
+    size = tuple(image_size[::-1]) if image_size else size  # PIL sizes are (W, H)
     channels = 1 if mode == "L" else 3
     _check_fits(min(len(files), batch_size), channels, size[1], size[0])
-    return FolderImages([path for path, _ in files], [label for _, label in files], mode, size)
+    return FolderImages(np.array(files), np.array(labels, dtype=np.int64), mode, size)
 
 
 class FolderImages(torch.utils.data.Dataset):
     """An image folder's files, decoded one at a time when an item is asked for (in the DataLoader's
-    workers with ``data.workers``): ``(C, H, W)`` float32 in [0, 1] and the class index."""
+    workers with ``data.workers``): ``(C, H, W)`` float32 in [0, 1] and the class index.
 
-    def __init__(self, files: list[Path], labels: list[int], mode: str, size: tuple[int, int]) -> None:
+    The paths are one array of bytes and the labels one integer array, not Python objects per image:
+    a path's length plus 8 bytes an image (40 for 30-character paths, where a ``Path`` and an ``int``
+    in lists took 354), and DataLoader workers do not copy them page by page as they touch
+    reference counts."""
+
+    def __init__(self, files: np.ndarray, labels: np.ndarray, mode: str, size: tuple[int, int]) -> None:
         self.files, self.targets, self.mode, self.size = files, labels, mode, size
 
     def __len__(self) -> int:
@@ -417,17 +426,17 @@ class FolderImages(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         from PIL import Image, UnidentifiedImageError
 
-        path = self.files[index]
+        path = os.fsdecode(self.files[index])
         try:
             with Image.open(path) as image:
                 converted = image.convert(self.mode)
         except (UnidentifiedImageError, Image.DecompressionBombError, OSError) as error:
-            raise ConfigError(f"cannot read image {str(path)!r}: {error}") from None
+            raise ConfigError(f"cannot read image {path!r}: {error}") from None
         if converted.size != self.size:
             converted = converted.resize(self.size)
         width, height = self.size
         array = np.asarray(converted, dtype=np.float32).reshape(height, width, -1) / 255.0
-        return torch.from_numpy(array).permute(2, 0, 1).contiguous(), self.targets[index]
+        return torch.from_numpy(array).permute(2, 0, 1).contiguous(), int(self.targets[index])
 
 
 def available_memory() -> int:
@@ -469,8 +478,10 @@ def _check_fits(images: int, channels: int, height: int, width: int) -> None:
         )
 
 
-def _npz(path: Path, test_fraction: float) -> tuple[TensorData, TensorData]:
-    """``x_train, y_train`` and optionally ``x_test, y_test`` (both or neither) of an ``.npz`` file."""
+def _npz(path: Path, test_fraction: float) -> tuple[Data, Data]:
+    """``x_train, y_train`` and optionally ``x_test, y_test`` (both or neither) of an ``.npz`` file.
+    Inputs stored uncompressed (``np.savez``) are memory-mapped and read a batch at a time
+    (:class:`MappedData`); others (``np.savez_compressed``) are loaded whole, when they fit in memory."""
     if not path.exists():
         raise ConfigError(f"data.path {str(path)!r} does not exist")
     if path.is_file() and not zipfile.is_zipfile(path):
@@ -493,23 +504,30 @@ def _npz(path: Path, test_fraction: float) -> tuple[TensorData, TensorData]:
                 f"{path}: has {present} but not {absent}; give both (a fixed test split) or neither "
                 "(data.test_fraction of the training arrays is held out)"
             )
+        parts = [("x_train", "y_train"), ("x_test", "y_test")] if has_x else [("x_train", "y_train")]
         try:
-            x_train, y_train = _tensors(arrays["x_train"], arrays["y_train"], path)
-            if has_x:
-                return TensorData(x_train, y_train), TensorData(*_tensors(arrays["x_test"], arrays["y_test"], path))
+            mapped = [_mapped(arrays.zip, path, x) for x, _ in parts]
+            if all(inputs is not None for inputs in mapped):
+                splits = [
+                    MappedData(inputs, labels=_labels(inputs.shape, arrays[y], path))
+                    for inputs, (_, y) in zip(mapped, parts, strict=True)
+                ]
+            else:
+                _check_loadable(arrays.zip, path, parts)
+                splits = [TensorData(*_tensors(arrays[x], arrays[y], path)) for x, y in parts]
         except (ValueError, OSError, zipfile.BadZipFile) as error:  # a member that is not a valid .npy
             if isinstance(error, ConfigError):
                 raise
             raise ConfigError(f"cannot read {str(path)!r} as .npz: {error}") from None
-    return _split(x_train, y_train, test_fraction)
+    return tuple(splits) if has_x else _split_data(splits[0], test_fraction)
 
 
-def _tensors(x: np.ndarray, y: np.ndarray, source: object) -> tuple[Tensor, Tensor]:
-    """Float inputs ``(N, ...)`` (``(N, H, W)`` gains a channel) and integer labels ``(N,)``."""
-    if x.ndim == 0 or y.ndim == 0:
+def _labels(shape: tuple[int, ...], y: np.ndarray, source: object) -> Tensor:
+    """Integer labels ``(N,)`` for inputs of ``shape`` ``(N, ...)``."""
+    if len(shape) == 0 or y.ndim == 0:
         raise ConfigError(f"{source}: inputs and labels must be arrays with one row per sample, got a scalar")
-    if len(x) != len(y):
-        raise ConfigError(f"{source}: {len(x)} inputs but {len(y)} labels")
+    if shape[0] != len(y):
+        raise ConfigError(f"{source}: {shape[0]} inputs but {len(y)} labels")
     if y.ndim == 2 and y.shape[1] == 1:  # a column of labels
         y = y[:, 0]
     if y.ndim != 1:
@@ -519,13 +537,114 @@ def _tensors(x: np.ndarray, y: np.ndarray, source: object) -> tuple[Tensor, Tens
         )
     if not np.issubdtype(y.dtype, np.integer):
         raise ConfigError(f"{source}: labels must be integers, got {y.dtype}")
+    return torch.tensor(y, dtype=torch.long)
+
+
+def _tensors(x: np.ndarray, y: np.ndarray, source: object) -> tuple[Tensor, Tensor]:
+    """Float inputs ``(N, ...)`` (``(N, H, W)`` gains a channel) and integer labels ``(N,)``."""
+    labels = _labels(x.shape, y, source)
     try:
         inputs = torch.tensor(np.asarray(x, dtype=np.float32))
     except (TypeError, ValueError) as error:
         raise ConfigError(f"{source}: inputs must be numbers: {error}") from None
     if inputs.dim() == 3:  # (N, H, W) images: add the channel
         inputs = inputs.unsqueeze(1)
-    return inputs, torch.tensor(y, dtype=torch.long)
+    return inputs, labels
+
+
+def _header(archive: zipfile.ZipFile, name: str) -> tuple[zipfile.ZipInfo, tuple[int, ...], bool, np.dtype, int] | None:
+    """``(member, shape, fortran_order, dtype, header length)`` of array ``name`` (its ``.npy``
+    header, read without reading the data), or None when it has no ``.npy`` header of version 1 or 2."""
+    try:
+        info = archive.getinfo(f"{name}.npy")
+    except KeyError:
+        return None
+    with archive.open(info) as member:
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+        version = np.lib.format.read_magic(member)
+        if version not in read:
+            return None
+        shape, fortran_order, dtype = read[version](member)
+        return info, shape, fortran_order, dtype, member.tell()
+
+
+def _mapped(archive: zipfile.ZipFile, path: Path, name: str) -> MappedArray | None:
+    """Array ``name`` mapped where it lies in the file, or None when it cannot be: stored compressed,
+    in Fortran order, of anything but plain numbers, or empty (it is then loaded as a whole)."""
+    header = _header(archive, name)
+    if header is None:
+        return None
+    info, shape, fortran_order, dtype, length = header
+    nbytes = math.prod(shape) * dtype.itemsize
+    if info.compress_type != zipfile.ZIP_STORED or fortran_order or dtype.kind not in "biuf" or nbytes == 0:
+        return None
+    if length + nbytes != info.file_size:
+        raise ValueError(f"{name} holds {info.file_size - length} bytes of data but its header describes {nbytes}")
+    with open(path, "rb") as handle:  # the local file header: 30 bytes, then the name and an extra field
+        handle.seek(info.header_offset)
+        local = handle.read(30)
+    if len(local) < 30 or local[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"{name}: bad local file header")
+    name_length, extra_length = struct.unpack("<HH", local[26:30])
+    offset = info.header_offset + 30 + name_length + extra_length + length
+    if offset + nbytes > path.stat().st_size:
+        raise ValueError(f"{name} is truncated: {nbytes} bytes of data from byte {offset} run past the file's end")
+    return MappedArray(path, offset, dtype, shape)
+
+
+def _check_loadable(archive: zipfile.ZipFile, path: Path, parts: list[tuple[str, str]]) -> None:
+    """Refuse, before decompressing anything, ``(inputs, labels)`` arrays that cannot be mapped and
+    would not fit in memory: held as stored, and the inputs twice more as float32 (converted, then
+    normalised)."""
+    needed = 0
+    for x, y in parts:
+        for name, copies in ((x, 2), (y, 0)):
+            header = _header(archive, name)
+            if header is not None:
+                info, shape, _, _, _ = header
+                needed += info.file_size + copies * 4 * math.prod(shape)
+    available = available_memory()
+    if needed > available:
+        raise ConfigError(
+            f"{str(path)!r} would need {format_bytes(needed)} of memory to load whole (compressed or Fortran-ordered "
+            f"arrays cannot be memory-mapped); {format_bytes(available)} are available: save C-ordered arrays with "
+            "np.savez (uncompressed) and kdistill maps them, reading a batch at a time"
+        )
+
+
+class MappedArray:
+    """An array stored uncompressed in a file, memory-mapped when first read: a batch reads only its
+    rows' pages. It pickles as its location, so ``DataLoader`` workers map the file themselves
+    instead of receiving a copy of the data."""
+
+    def __init__(self, path: Path, offset: int, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+        self.path, self.offset, self.dtype, self.shape = path, offset, dtype, shape
+        self._array: np.memmap | None = None
+
+    @property
+    def array(self) -> np.memmap:
+        if self._array is None:
+            self._array = np.memmap(self.path, self.dtype, "r", self.offset, self.shape)
+        return self._array
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_array": None}
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def rows(self, indices: Tensor) -> Tensor:
+        """Rows ``indices`` as float32 ``(B, ...)``; ``(B, H, W)`` images gain a channel."""
+        batch = torch.from_numpy(np.asarray(self.array[indices.numpy()], dtype=np.float32))
+        return batch.unsqueeze(1) if batch.dim() == 3 else batch
+
+
+class MappedData(LazyData):
+    """A split of a :class:`MappedArray`: :class:`LazyData`'s bounded statistics and per-batch
+    normalisation, with a batch gathered from the map at once rather than item by item."""
+
+    def raw(self, indices: Tensor) -> Tensor:
+        return self.dataset.rows(self.rows[indices])
 
 
 def _factory(path: str) -> tuple[TensorData, TensorData]:
