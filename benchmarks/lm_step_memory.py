@@ -34,7 +34,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from lm_memory import status_kb
 from timing import machine, single_thread, write_tables
 
