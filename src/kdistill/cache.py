@@ -34,7 +34,8 @@ truncated file is refused with its name. Caches of format 1 (before checksums) a
 Runs that share a cache directory may build the same cache at once: each builder writes its own
 hidden temporary directory beside the target and renames it into place when complete; the first
 complete cache wins, later builders verify it and discard theirs. A complete cache that fits the
-run is never deleted, so a process reading it is never pulled from under.
+run is never deleted, so a process reading it is never pulled from under. The ranks of one
+multi-process run build one cache together, each its share of the batches (see :meth:`TeacherCache.build`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
@@ -65,6 +67,7 @@ from kdistill.core.errors import CheckpointError, KDistillError
 from kdistill.core.hooks import FeatureRecorder
 from kdistill.core.losses import TopKLogits
 from kdistill.data import Data, Inputs, ShiftViews, TensorData, first_inputs, move, primary, select
+from kdistill.distributed import World
 
 FORMAT = 2  # 2: meta.json records a SHA-256 of every file (format-1 caches are refused as stale)
 STORAGE = {"float16": np.float16, "float32": np.float32, "topk": np.float16}  # top-k: the k values (and features)
@@ -225,6 +228,7 @@ class TeacherCache:
         expected: dict[str, Any] | None = None,
         coarsen: Callable[[Tensor], Tensor] | None = None,
         coarsen_id: str | None = None,
+        place: World | None = None,
     ) -> TeacherCache:
         """Run ``teacher`` over every (view, sample) of ``data`` and store its outputs.
 
@@ -254,6 +258,13 @@ class TeacherCache:
         temporary directory beside it and renames it into place; the first complete cache wins, and
         the others verify it and discard their own. A cache that would not fit on the disk is refused
         after the first batch, before anything big is written; a failure leaves nothing behind.
+
+        ``place``: the ranks of one run (:func:`kdistill.distributed.world`) build one cache together:
+        every rank calls ``build`` with the same arguments and runs the teacher on its own contiguous run
+        of the batches one process would run (so the stored bytes are one process's); rank 0 makes the
+        private directory, every rank writes its rows into it, and rank 0 hashes and publishes it. The
+        directory must be on a file system that every rank sees (a rank that does not is an error). A
+        failure on any rank is raised on every rank, and nothing is published.
         """
         if storage not in STORAGE:
             raise KDistillError(f"unknown cache storage {storage!r} (choose {', '.join(STORAGE)})")
@@ -274,78 +285,113 @@ class TeacherCache:
             )
         if expected is None:  # the caller may have computed it already (a lazy dataset is read to hash it)
             expected = fingerprint(teacher, data, augment, layers, storage, topk, temperature, coarsen_id)
+        place = place or World()
         teacher = teacher.eval().to(device)
         n, dtype = len(data), STORAGE[storage]
-        partial: Path | None = None
-        arrays: dict[str, np.memmap] = {}
-        tokens: int | None = None
+        batches = [(view, start) for view in range(views) for start in range(0, n, batch_size)]
+        mine = batches[_share(len(batches), place)]  # every row computed on the same batch as by one process
         truncation = _Truncation() if storage == "topk" else None
+        partial: Path | None = None  # rank 0's: it alone removes it
+        bar = tqdm(
+            total=sum(min(start + batch_size, n) - start for _, start in mine),
+            desc="teacher cache",
+            disable=(progress is False or None) if place.is_main else True,
+            leave=False,
+        )
         try:
             with FeatureRecorder(teacher, layers, feature_fn, "teacher") as recorder, torch.no_grad():
-                bar = tqdm(total=views * n, desc="teacher cache", disable=progress is False or None, leave=False)
-                for view in range(views):
-                    for indices in data.index_batches(batch_size):
-                        inputs = first_rows(data, indices)  # token inputs untrimmed: one shape for all
-                        if augment is not None:
-                            inputs = augment(inputs, indices, view)
-                        recorder.clear()
-                        inputs, _ = split_labels(inputs)  # a Hugging Face batch's labels never reach the teacher
-                        logits = default_logits(call_model(teacher, move(inputs, device)))
-                        if coarsen is not None:
-                            logits = coarsen(logits)
-                        if storage == "topk":
-                            top = TopKLogits.from_logits(logits, min(topk, logits.shape[-1]), temperature)
-                            truncation.add(logits, top.indices, temperature, token_mask(inputs))
-                            outputs = {
-                                "topk-values": top.values,
-                                "topk-indices": top.indices,
-                                "topk-log-rest": top.log_rest,
-                            }
-                        else:
-                            outputs = {"logits": logits}
-                        features = recorder.pop()
-                        for i, layer in enumerate(recorder.paths):
-                            outputs[f"feature-{i}"] = features[layer]
+
+                def run(view: int, start: int) -> tuple[Inputs, dict[str, Tensor]]:
+                    """The inputs and the outputs to store of samples ``start …`` of ``view``."""
+                    indices = torch.arange(start, min(start + batch_size, n))
+                    inputs = first_rows(data, indices)  # token inputs untrimmed: one shape for all
+                    if augment is not None:
+                        inputs = augment(inputs, indices, view)
+                    recorder.clear()
+                    inputs, _ = split_labels(inputs)  # a Hugging Face batch's labels never reach the teacher
+                    logits = default_logits(call_model(teacher, move(inputs, device)))
+                    if coarsen is not None:
+                        logits = coarsen(logits)
+                    if storage == "topk":
+                        top = TopKLogits.from_logits(logits, min(topk, logits.shape[-1]), temperature)
+                        truncation.add(logits, top.indices, temperature, token_mask(inputs))
+                        outputs = {
+                            "topk-values": top.values,
+                            "topk-indices": top.indices,
+                            "topk-log-rest": top.log_rest,
+                        }
+                    else:
+                        outputs = {"logits": logits}
+                    features = recorder.pop()
+                    outputs.update({f"feature-{i}": features[layer] for i, layer in enumerate(recorder.paths)})
+                    return inputs, outputs
+
+                # Rank 0 sizes the files from its first batch: nothing big is written before the space is checked.
+                first: dict[str, Tensor] | None = None
+                plan, failure = None, None
+                if place.is_main:
+                    try:
+                        if not batches:
+                            raise KDistillError(f"teacher cache {directory}: the dataset is empty")
+                        inputs, first = run(*mine[0])
                         layout = {
                             name: (TOPK_TYPES.get(name, np.dtype(dtype)), tuple(value.shape[1:]))
-                            for name, value in outputs.items()
+                            for name, value in first.items()
                         }
-                        if partial is None:  # first batch: the sizes are known, nothing is written yet
-                            tokens = token_length(inputs)  # untrimmed rows: every sample's length
-                            _check_free_space(directory, views, n, layout)
-                            _remove_orphans(directory)
-                            partial = _private_directory(directory, ".partial", owned=True)
-                            arrays = _allocate(partial, views * n, layout)
-                        rows = view * n + indices.numpy()
-                        for name, value in outputs.items():
-                            arrays[name][rows] = value.cpu().numpy().astype(layout[name][0])
-                        bar.update(len(indices))
-                        faults.reached("cache")
-                bar.close()
-            if partial is None:
-                raise KDistillError(f"teacher cache {directory}: the dataset is empty")
-            for array in arrays.values():
-                array.flush()
-            arrays.clear()  # unmap before hashing and renaming
-            digests = {f"{name}.npy": file_sha256(partial / f"{name}.npy") for name in layout}
-            bytes_per_sample = sum(_row_bytes(*spec) for spec in layout.values())
-            meta = {
-                "fingerprint": expected,
-                "samples": n,
-                "views": views,
-                "tokens": tokens,
-                "bytes_per_sample": bytes_per_sample,
-                "bytes_per_token": bytes_per_sample / tokens if tokens else None,
-                **(truncation.summary() if truncation is not None else {}),
-                "sha256": digests,
-            }
-            meta["meta_sha256"] = _meta_digest(meta)
-            (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-            return _publish(partial, directory, expected, meta)
+                        _check_free_space(directory, views, n, layout)
+                        _remove_orphans(directory)
+                        partial = _private_directory(directory, ".partial", owned=True)
+                        _allocate(partial, views * n, layout)
+                        plan = (partial, layout, token_length(inputs))  # untrimmed rows: every sample's length
+                    except Exception as error:
+                        failure = error
+                shared, layout, tokens = _settle(directory, place, failure, plan)[0]
+                # Every rank writes its rows into rank 0's files.
+                failure = None
+                try:
+                    if not shared.is_dir():
+                        raise KDistillError(
+                            f"teacher cache {directory}: rank {place.rank} cannot see {shared}, which rank 0 created; "
+                            "all ranks build one cache together, so it must be on a file system they share "
+                            "(on several nodes, point KDISTILL_CACHE or distill.teacher_cache at a shared one)"
+                        )
+                    with _RowWriter(shared, layout) as files:
+                        for view, start in mine:
+                            outputs = first if first is not None else run(view, start)[1]
+                            first = None
+                            files.write(view * n + start, outputs)
+                            bar.update(min(start + batch_size, n) - start)
+                            faults.reached("cache")
+                except Exception as error:
+                    failure = error
+                parts = _settle(directory, place, failure, truncation)
+            # Rank 0 records and publishes the cache once every rank's rows are written.
+            built, failure = None, None
+            if place.is_main:
+                try:
+                    digests = {f"{name}.npy": file_sha256(partial / f"{name}.npy") for name in layout}
+                    bytes_per_sample = sum(_row_bytes(*spec) for spec in layout.values())
+                    meta = {
+                        "fingerprint": expected,
+                        "samples": n,
+                        "views": views,
+                        "tokens": tokens,
+                        "bytes_per_sample": bytes_per_sample,
+                        "bytes_per_token": bytes_per_sample / tokens if tokens else None,
+                        **(_Truncation.merged(parts).summary() if truncation is not None else {}),
+                        "sha256": digests,
+                    }
+                    meta["meta_sha256"] = _meta_digest(meta)
+                    (partial / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+                    built = _publish(partial, directory, expected, meta)
+                except Exception as error:
+                    failure = error
+            meta = _settle(directory, place, failure, None if built is None else built.meta)[0]
+            return built if built is not None else cls(directory, meta)
         except OSError as error:
             raise write_failure(directory, error) from error
         finally:
-            arrays.clear()
+            bar.close()
             if partial is not None:
                 shutil.rmtree(partial, ignore_errors=True)  # ours alone: gone once published or failed
 
@@ -477,6 +523,18 @@ class _Truncation:
             self.rest_total += float(rest.sum())
             self.rest_largest = max(self.rest_largest, float(rest.max()))
         self.count += rows.shape[0]
+
+    @classmethod
+    def merged(cls, parts: Sequence[_Truncation]) -> _Truncation:
+        """The statistics over the positions of all ``parts`` (each rank's share of a build)."""
+        whole = cls()
+        for part in parts:  # sums and maxima: one process's values, up to the order of the float64 sums
+            whole.total += part.total
+            whole.count += part.count
+            whole.rest_total += part.rest_total
+            whole.largest = max(whole.largest, part.largest)
+            whole.rest_largest = max(whole.rest_largest, part.rest_largest)
+        return whole
 
     def summary(self) -> dict[str, float | None]:
         if not self.count:
@@ -622,20 +680,96 @@ def _remove_orphans(directory: Path) -> None:
             pass
 
 
-def _allocate(partial: Path, rows: int, layout: dict[str, tuple[np.dtype, tuple[int, ...]]]) -> dict[str, np.memmap]:
-    """One ``.npy`` memmap per output, its blocks reserved on disk: a full disk is an error here,
-    not a SIGBUS when a page of a sparse file is first written."""
-    arrays = {}
+def _allocate(partial: Path, rows: int, layout: dict[str, tuple[np.dtype, tuple[int, ...]]]) -> None:
+    """One ``.npy`` file per output, its blocks reserved on disk: a full disk is an error here,
+    not a failed write halfway through the build."""
     for name, (dtype, shape) in layout.items():
         path = partial / f"{name}.npy"
-        arrays[name] = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(rows, *shape))
+        np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=(rows, *shape))  # the header, the size
         with open(path, "r+b") as handle:
             try:
                 os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
             except OSError as error:
                 if error.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
                     raise
-    return arrays
+
+
+class _RowWriter:
+    """Writes runs of rows into the ``.npy`` files of a cache being built, in place, with ``pwrite``:
+    the ranks of a build each write their own bytes (memory maps write whole pages back, and on a network
+    file system a page holding two nodes' rows would keep only one node's)."""
+
+    def __init__(self, partial: Path, layout: dict[str, tuple[np.dtype, tuple[int, ...]]]) -> None:
+        self.layout = layout
+        self.files: dict[str, tuple[int, int]] = {}  # name → (descriptor, offset of row 0)
+        try:
+            for name in layout:
+                path = partial / f"{name}.npy"
+                offset = np.load(path, mmap_mode="r").offset  # the .npy header's length
+                self.files[name] = (os.open(path, os.O_WRONLY), offset)
+        except BaseException:
+            self.__exit__(OSError)
+            raise
+
+    def __enter__(self) -> _RowWriter:
+        return self
+
+    def __exit__(self, failed: type[BaseException] | None, *_: object) -> None:
+        """Close the files; on success, first make the rows durable (rank 0 hashes and publishes them next)."""
+        for handle, _ in self.files.values():
+            try:
+                if failed is None:
+                    os.fsync(handle)
+            finally:
+                os.close(handle)
+
+    def write(self, first_row: int, outputs: dict[str, Tensor]) -> None:
+        """Store ``outputs`` (each ``(R, ...)``) as rows ``first_row … first_row + R − 1``."""
+        for name, value in outputs.items():
+            dtype, shape = self.layout[name]
+            if tuple(value.shape[1:]) != shape:
+                raise KDistillError(
+                    f"teacher cache: the teacher's {name} output at row {first_row} has shape "
+                    f"{tuple(value.shape[1:])}, not {shape} as in the first batch"
+                )
+            handle, offset = self.files[name]
+            data = memoryview(np.ascontiguousarray(value.cpu().numpy().astype(dtype))).cast("B")
+            position = offset + first_row * _row_bytes(dtype, shape)
+            while data:  # pwrite may write less than asked
+                written = os.pwrite(handle, data, position)
+                data, position = data[written:], position + written
+
+
+def _share(count: int, place: World) -> slice:
+    """This rank's contiguous run of ``count`` batches: runs differ by one batch at most, and rank 0's
+    is empty only when ``count`` is 0 (it sizes the cache from its first batch)."""
+    return slice(-(-count * place.rank // place.size), -(-count * (place.rank + 1) // place.size))  # ceilings
+
+
+def _settle(directory: Path, place: World, failure: Exception | None, payload: Any) -> list[Any]:
+    """Every rank's ``payload``, once all ranks got here. If one failed, all raise: the failed rank its
+    own ``failure``, the others a :class:`KDistillError` that names it (so that no rank waits for it)."""
+    if not place.distributed:
+        if failure is not None:
+            raise failure
+        return [payload]
+    message = None
+    if isinstance(failure, OSError):  # in the words the failed rank raises it (see build)
+        message = str(write_failure(directory, failure))
+    elif isinstance(failure, KDistillError):
+        message = str(failure)
+    elif failure is not None:
+        message = f"teacher cache {directory}: {type(failure).__name__}: {failure}"
+    gathered: list[Any] = [None] * place.size
+    dist.all_gather_object(gathered, (message, payload))
+    if failure is not None:
+        raise failure
+    for rank, (message, _) in enumerate(gathered):
+        if message is not None:
+            error = KDistillError(f"{message} (on rank {rank})")
+            error.from_main = True  # the failed rank and rank 0 say it; the others stay quiet
+            raise error
+    return [part for _, part in gathered]
 
 
 def _publish(partial: Path, directory: Path, expected: dict[str, Any], meta: dict[str, Any]) -> TeacherCache:

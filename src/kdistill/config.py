@@ -299,7 +299,10 @@ class TrainConfig:
     ``step_epochs`` epochs, so 1 is a constant rate and more than 1 would grow it without end.
     ``device``: ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps`` (whether it exists is checked
     when the run starts). ``max_steps``: optimizer updates to train for, overriding ``epochs``
-    (as in Hugging Face; the last epoch may stop midway); needed for data of unknown length."""
+    (as in Hugging Face; the last epoch may stop midway); needed for data of unknown length.
+    ``strategy``: how several processes train (:mod:`kdistill.distributed`): ``ddp`` replicates the
+    student on every rank, ``fsdp`` shards student, teacher and optimizer state across the ranks
+    (:mod:`kdistill.fsdp`); in one process both train as plain."""
 
     epochs: int = 60
     max_steps: int | None = None
@@ -318,6 +321,7 @@ class TrainConfig:
     mixup: float = 0.0
     seed: int = 0
     device: str = "auto"
+    strategy: Literal["ddp", "fsdp"] = "ddp"
 
     def __post_init__(self) -> None:
         _require_range("epochs", self.epochs, 1, MAX_EPOCHS)
@@ -372,6 +376,12 @@ class Config:
             for key, value in (("teacher.mixup", self.teacher.mixup), ("train.mixup", self.train.mixup)):
                 _require(value == 0, key, "must be 0 for text (token ids cannot be mixed)", value)
         if self.data.dataset == CORPUS:
+            _require(
+                self.train.strategy == "ddp",
+                "train.strategy",
+                "fsdp is not supported for language-model runs (data.dataset: corpus) yet; use ddp",
+                self.train.strategy,
+            )
             self._check_language_model()
             return
         if self.student.vocabulary is not None:
@@ -380,6 +390,11 @@ class Config:
                 f"got {self.student.vocabulary!r}"
             )
         d = self.distill
+        if self.train.strategy == "fsdp" and d.teacher_cache not in ("auto", "off"):
+            raise ConfigError(
+                "distill.teacher_cache: train.strategy fsdp runs the sharded teacher live (every rank calls it "
+                f"in step), so it cannot read a teacher-output cache; set teacher_cache to off, got {d.teacher_cache!r}"
+            )
         if isinstance(d.chunk_tokens, int):  # "auto" is simply off here
             raise ConfigError(
                 "distill.chunk_tokens applies to causal language models only (data.dataset: corpus), "

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdistill import distributed, faults
+from kdistill import distributed, faults, fsdp
 from kdistill.cache import CachedDistillation, TeacherCache, check_space, fingerprint
 from kdistill.checkpoint import atomic_write, save_weights
 from kdistill.config import CORPUS, Config, PairConfig, differences, dump_config, from_dict, read_yaml, to_dict
@@ -39,7 +39,7 @@ from kdistill.layers import propose_pairs
 from kdistill.models import build_model, check_model_name, load_weights
 from kdistill.report import measure, write_report
 from kdistill.rundir import RunLock, check_out_path, check_run_dir, move_results_aside
-from kdistill.trainer import Trainer, TrainResult, evaluate, pick_device
+from kdistill.trainer import Trainer, TrainResult, amp_dtype, evaluate, pick_device
 
 Log = Callable[[str], None]
 
@@ -211,6 +211,7 @@ def teacher_cache_key(config: Config, splits: Splits | None = None) -> str:
     identity["data_digest"] = splits_digest(splits)
     for own in ("seed", "epochs", "mixup", "max_steps"):  # the teacher has its own (teacher.seed, .epochs, …)
         identity["train"].pop(own)
+    identity["train"].pop("strategy")  # how the ranks share the work, not what is trained
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -229,8 +230,11 @@ def prepare_teacher(config: Config, teacher: nn.Module, splits: Splits, out: Pat
     # The teacher's own budget: teacher.epochs (train.max_steps is the students' budget).
     budget = dataclasses.replace(config.train, epochs=config.teacher.epochs, seed=config.teacher.seed, max_steps=None)
     log(f"teacher: no weights given; training it for {budget.epochs} epochs (cached in {cached.parent})")
-    task = with_mixup(Supervised(teacher), config.teacher.mixup)
-    trained = run_phase("teacher", task, task.parameters(), teacher, splits, budget, config, out, resume, log)
+    model = shard_copy(config, trained_copy(config, teacher), root=False)
+    task = with_mixup(Supervised(model), config.teacher.mixup)
+    trained = run_phase(
+        "teacher", task, task.parameters(), model, splits, budget, config, out, resume, log, plain=teacher
+    )
     if distributed.world().is_main and (trained is not None or not cached.exists()):
         save_weights(teacher.state_dict(), cached)
     return teacher
@@ -264,27 +268,16 @@ def prepare_cache(
         directory = cache_root(config) / "teacher-outputs" / key
     else:
         directory = Path(setting)
-    distributed.on_main(
-        distributed.world(),
-        build_cache,
-        directory,
-        expected,
-        teacher,
-        splits,
-        augment,
-        layers,
-        d,
-        config.train.device,
-        log,
-        setting == "auto",
-    )  # rank 0 builds the cache; then every rank reads the whole of it
-    return TeacherCache.open(directory, expected)
+    build_cache(directory, expected, teacher, splits, augment, layers, d, config.train.device, log, setting == "auto")
+    return TeacherCache.open(directory, expected)  # every rank reads the whole of it
 
 
 def why_no_cache(config: Config) -> str | None:
     """Why the distillation phase runs its teacher live (None: it reads a teacher-output cache)."""
     if config.distill.teacher_cache == "off":
         return "distill.teacher_cache is off"
+    if config.train.strategy == "fsdp":
+        return "train.strategy fsdp runs the sharded teacher live"
     if config.train.mixup > 0:
         return "train.mixup shows the teacher new mixed views every step"
     if config.data.augment != "none" and config.data.augment_views is None:
@@ -327,16 +320,25 @@ def build_cache(
     rebuild_damaged: bool = False,
 ) -> None:
     """Build the cache in ``directory`` unless a valid one is there. A stale or damaged cache in a
-    directory the config names is refused; one of kdistill's own (``teacher_cache: auto``) is rebuilt."""
-    if (directory / "meta.json").exists():
+    directory the config names is refused; one of kdistill's own (``teacher_cache: auto``) is rebuilt.
+    Under several processes rank 0 decides (every rank follows it), and all ranks build it together."""
+
+    def reusable() -> bool:
+        if not (directory / "meta.json").exists():
+            return False
         try:
             TeacherCache.open(directory, expected)
             log(f"teacher cache: reusing {directory}")
-            return
+            return True
         except KDistillError as error:
             if not rebuild_damaged:
                 raise
             log(f"teacher cache: {error}; rebuilding it")
+            return False
+
+    place = distributed.world()
+    if distributed.main_value(distributed.on_main(place, reusable), place):
+        return
     started = time.perf_counter()
     topk = (d.cache_topk, d.temperature) if d.cache_storage == "topk" else (None, None)
     cache = TeacherCache.build(
@@ -350,11 +352,28 @@ def build_cache(
         temperature=topk[1],
         device=pick_device(device),
         expected=expected,
+        place=place,
     )
     log(
         f"teacher cache: built {directory} ({cache.views} view(s), {cache.bytes_per_sample:,.0f} bytes per sample, "
-        f"{time.perf_counter() - started:.1f} s)"
+        f"{time.perf_counter() - started:.1f} s{f', by {place.size} ranks' if place.distributed else ''})"
     )
+
+
+def trained_copy(config: Config, model: nn.Module) -> nn.Module:
+    """What a phase runs in place of ``model``: under ``train.strategy: fsdp`` across several
+    processes a copy, sharded by :func:`shard_copy` and the trainer, so that ``model`` stays a plain
+    module for the phases after it and for the report; otherwise ``model`` itself."""
+    return copy.deepcopy(model) if fsdp.active(config.train.strategy) else model
+
+
+def shard_copy(config: Config, model: nn.Module, *, root: bool) -> nn.Module:
+    """Shard a :func:`trained_copy` (:func:`kdistill.fsdp.shard`): the blocks of a model the trainer
+    trains (it shards the task's root), blocks and ``root`` of the frozen teacher."""
+    if fsdp.active(config.train.strategy):
+        device = pick_device(config.train.device)
+        fsdp.shard(model, device, amp_dtype(config.train.amp, device), root=root)
+    return model
 
 
 def run_phase(
@@ -368,15 +387,20 @@ def run_phase(
     out: Path,
     resume: bool,
     log: Log,
-    on_finished: Callable[[], None] | None = None,
+    also_save: dict[str, nn.Module] | None = None,
+    plain: nn.Module | None = None,
 ) -> TrainResult | None:
     """Train one phase in ``out/name``; a finished phase (``done.json``) is loaded, not repeated.
-    ``on_finished`` writes what else the phase produced (rank 0, before ``done.json``)."""
+    ``also_save``: more modules whose weights the phase writes, as ``<key>.safetensors`` (before
+    ``done.json``). ``plain``: when ``eval_model`` is a :func:`trained_copy`, the model that gets the
+    phase's final weights (from its weights file)."""
     directory = out / name
     weights_name = "teacher" if name == "teacher" else "student"
+    weights = directory / f"{weights_name}.safetensors"
     done = directory / "done.json"
+    plain = eval_model if plain is None else plain
     if resume and done.exists():
-        load_weights(eval_model, directory / f"{weights_name}.safetensors", name)
+        load_weights(plain, weights, name)
         log(f"{name}: already finished, loaded its weights")
         return None
     eval_sets = {"validation": splits.validation, "test": splits.test} if splits.validation else {"test": splits.test}
@@ -400,13 +424,18 @@ def run_phase(
     result = trainer.fit(resume=resume and (directory / "checkpoint.pt").exists())
     if result.interrupted:
         raise KeyboardInterrupt
+    extra = {key: fsdp.full_state_dict(module) for key, module in (also_save or {}).items()}  # every rank
     if distributed.world().is_main:
-        if on_finished is not None:
-            on_finished()
+        for key, state in extra.items():
+            save_weights(state, directory / f"{key}.safetensors")
         faults.reached("finish")
         text = json.dumps(dataclasses.asdict(result), indent=2) + "\n"
         atomic_write(done, lambda path: Path(path).write_text(text))
-    model.to("cpu")
+    if plain is eval_model:
+        model.to("cpu")
+    else:  # the sharded copy is dropped; the plain model takes its weights (written at the last epoch)
+        distributed.barrier(distributed.world())
+        load_weights(plain, weights, name)
     return result
 
 
@@ -568,21 +597,25 @@ def train_all(prepared: Prepared, out: Path, resume: bool, log: Log) -> dict[str
     initial = copy.deepcopy(student.state_dict())  # baseline and distilled student start from the same weights
     if config.baseline:
         baseline = copy.deepcopy(student)
-        task = with_mixup(Supervised(baseline), config.train.mixup)  # the same budget as the distilled student
-        run_phase("baseline", task, task.parameters(), baseline, splits, config.train, config, out, resume, log)
+        trained = shard_copy(config, trained_copy(config, baseline), root=False)
+        task = with_mixup(Supervised(trained), config.train.mixup)  # the same budget as the distilled student
+        run_phase(
+            "baseline", task, task.parameters(), trained, splits, config.train, config, out, resume, log, plain=baseline
+        )
         models["baseline"] = baseline
 
     student.load_state_dict(initial)
-    with make_distiller(config, teacher, student, prepared.sample) as distiller:
+    trained = trained_copy(config, student)
+    live_teacher = shard_copy(config, trained_copy(config, teacher), root=True)
+    with make_distiller(config, live_teacher, trained, prepared.sample) as distiller:
+        shard_copy(config, trained, root=False)  # after the distiller's sample pass (see kdistill.fsdp.shard)
         cache = prepare_cache(config, teacher, distiller, splits, out, log)
         task = CachedDistillation(distiller, cache) if cache is not None else distiller
-        adapters = out / "distill" / "adapters.safetensors"
-        has_adapters = len(distiller.adapters) > 0
         run_phase(
             "distill",
             with_mixup(task, config.train.mixup),
             distiller.trainable_parameters(),
-            student,
+            trained,
             splits,
             config.train,
             config,
@@ -590,7 +623,8 @@ def train_all(prepared: Prepared, out: Path, resume: bool, log: Log) -> dict[str
             resume,
             log,
             # Written before the phase's done.json: a finished phase always has its trained adapters.
-            on_finished=(lambda: save_weights(distiller.adapters.state_dict(), adapters)) if has_adapters else None,
+            also_save={"adapters": distiller.adapters} if len(distiller.adapters) else None,
+            plain=student,
         )
     models["student"] = student
 

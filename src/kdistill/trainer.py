@@ -30,7 +30,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdistill import distributed, faults
+from kdistill import distributed, faults, fsdp
 from kdistill.batches import epoch_batches, loader_length, make_loader, unpack
 from kdistill.callbacks import Callback, MetricsWriter, ProgressBar, SelectBest, SigintRequestsStop
 from kdistill.checkpoint import load_checkpoint, remove_stale_temporaries, save_checkpoint, save_weights
@@ -68,6 +68,18 @@ def pick_device(name: str) -> torch.device:
     if device.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise ConfigError(f"train.device is {name!r} but MPS is not available here; use auto or cpu")
     return device
+
+
+def amp_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``train.amp`` on ``device``: None off CUDA or when off; ``auto`` is bf16
+    where the GPU supports it, else fp16."""
+    if device.type != "cuda" or mode == "off":
+        return None
+    if mode == "fp16":
+        return torch.float16
+    if mode == "bf16" or torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float16
 
 
 def eval_batches(data: Any, batch_size: int) -> Iterable[Any]:
@@ -117,8 +129,14 @@ class Trainer:
         train_data: a ``DataLoader`` (or any iterable of batches, see :mod:`kdistill.batches`), or
             a map-style dataset such as :class:`~kdistill.data.TensorData`, loaded in seeded
             per-epoch order, ``batch_size`` at a time (``workers`` loader processes), split
-            across ranks under DDP.
-        config: optimiser, schedule, epochs or ``max_steps``, clipping, accumulation, AMP, seed.
+            across ranks under DDP and FSDP.
+        config: optimiser, schedule, epochs or ``max_steps``, clipping, accumulation, AMP, seed, and
+            ``strategy``: under several processes ``ddp`` wraps ``model`` in
+            ``DistributedDataParallel``; ``fsdp`` shards it (:func:`kdistill.fsdp.shard`: its blocks
+            not sharded yet, then its root) and its optimizer state, and writes sharded checkpoints
+            (in one process it trains as plain, with checkpoints in the sharded format). The
+            ``parameters`` must then be ``model``'s own, and ``train.amp`` on CUDA becomes FSDP's
+            mixed-precision policy instead of autocast.
         eval_model: maps inputs to logits for evaluation (default ``model``), e.g. the student.
         eval_sets: named evaluation sets (datasets or loaders) evaluated after every epoch.
         select_on: the eval set whose accuracy picks the best epoch and drives early
@@ -175,17 +193,24 @@ class Trainer:
         self.description = description
         self.weights_name = weights_name
         self.device = pick_device(config.device)
+        self.sharded = config.strategy == "fsdp"  # sharded checkpoints, in one process too
+        parameters = [p for p in parameters if p.requires_grad]
+        if fsdp.active(config.strategy):
+            # Sharded before it moves: the whole model never lands on the device. The parameters
+            # become DTensors, so the optimizer's are found again by name.
+            names = self._named(parameters)
+            fsdp.shard(model, self.device, amp_dtype(config.amp, self.device))
+            current = dict(model.named_parameters())
+            parameters = [current[name] for name in names]
         self.model.to(self.device)
         self.eval_model.to(self.device)
         # Only what the optimizer trains is wrapped: a distiller's teacher is not a submodule.
-        self.forward_model = (
-            torch.nn.parallel.DistributedDataParallel(
+        self.forward_model = model
+        if self.world.distributed and not self.sharded:
+            self.forward_model = torch.nn.parallel.DistributedDataParallel(
                 model, device_ids=[self.device.index] if self.device.index is not None else None
             )
-            if self.world.distributed
-            else model
-        )
-        self.parameters = [p for p in parameters if p.requires_grad]
+        self.parameters = parameters
         self.optimizer = self._optimizer()
         self.steps_per_epoch = loader_length(self.loader)  # None: an iterable of unknown length
         if self.steps_per_epoch is None and config.max_steps is None:
@@ -205,11 +230,17 @@ class Trainer:
         else:
             self.total_updates, self.epochs = self.updates_per_epoch * config.epochs, config.epochs
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
-        self.amp_dtype = self._amp_dtype()
+        # Under FSDP the mixed-precision policy casts (see shard), not autocast.
+        self.amp_dtype = None if fsdp.active(config.strategy) else amp_dtype(config.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         select = select_on if select_on in self.eval_sets else None
         best = self.run_dir / f"{weights_name}_best.safetensors" if self.writes else None
-        self.callbacks: list[Callback] = [SelectBest(select, config.early_stopping, best)]
+        # Sharded weights are gathered by every rank: the trainer writes the best ones (_save_best).
+        self.gathers_best = fsdp.active(config.strategy) and select is not None and self.run_dir is not None
+        self.best_path = best
+        self.callbacks: list[Callback] = [
+            SelectBest(select, config.early_stopping, None if self.gathers_best else best)
+        ]
         if self.writes:
             self.callbacks.append(MetricsWriter(self.run_dir))
         if self.world.is_main:
@@ -220,6 +251,12 @@ class Trainer:
         self.running = _Running()
 
     # -- set-up ------------------------------------------------------------------------------
+
+    def _named(self, parameters: list[nn.Parameter]) -> list[str]:
+        names = {id(p): name for name, p in self.model.named_parameters()}
+        if any(id(p) not in names for p in parameters):
+            raise ConfigError("train.strategy fsdp trains only parameters of the model it is given")
+        return [names[id(p)] for p in parameters]
 
     def _optimizer(self) -> torch.optim.Optimizer:
         c = self.config
@@ -244,16 +281,6 @@ class Trainer:
             return c.step_gamma ** int(update // updates_per_epoch // c.step_epochs)
         return 1.0
 
-    def _amp_dtype(self) -> torch.dtype | None:
-        mode = self.config.amp
-        if self.device.type != "cuda" or mode == "off":
-            return None
-        if mode == "fp16":
-            return torch.float16
-        if mode == "bf16" or torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float16
-
     # -- the loop ------------------------------------------------------------------------------
 
     def fit(self, resume: bool = False) -> TrainResult:
@@ -263,6 +290,8 @@ class Trainer:
         result = TrainResult()
         if self.writes and self.run_dir.is_dir():
             remove_stale_temporaries(self.run_dir)  # left by a crash inside a checkpoint write
+            if self.sharded and not resume:
+                fsdp.remove_unused(self.run_dir, keep=None)  # an earlier run's, or half-written ones
         self.resumed = resume
         if resume:
             state, result.history = self._restore()
@@ -288,6 +317,7 @@ class Trainer:
                     record = distributed.main_value(record, self.world)
                     result.history.append(record)
                     stop = any([callback.on_epoch_end(self, state, record) for callback in self.callbacks])
+                    self._save_best(state, record)
                     state["epoch"], state["batch"] = state["epoch"] + 1, 0
                     self._save(state, result.history)
                     self.log(self._epoch_line(record))
@@ -359,8 +389,11 @@ class Trainer:
             torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype is not None else nullcontext()
         )
         where = f"at step {state['update']} (epoch {state['epoch'] + 1}); the last good checkpoint is kept"
-        # DDP: gradients are all-reduced only on the group's last backward.
-        no_sync = self.forward_model.no_sync() if self.world.distributed and not closes_group else nullcontext()
+        # DDP and FSDP: gradients are reduced only on the group's last backward.
+        no_sync = nullcontext()
+        if self.world.distributed and not closes_group and not self.sharded:
+            no_sync = self.forward_model.no_sync()
+        fsdp.set_gradient_sync(self.model, closes_group)
         keywords = {name: _to(facts[name], self.device) for name in self.facts if name in facts}
         with no_sync:
             try:
@@ -407,32 +440,58 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------------------
 
     def _save(self, state: dict[str, Any], history: list[dict[str, float]]) -> None:
+        if self.run_dir is None:
+            return
+        # Sharded: every rank writes its shards and gathers the weights; rank 0 writes the rest.
+        sharded = fsdp.save_sharded(self.run_dir, self.model, self.optimizer) if self.sharded else None
+        weights = fsdp.full_state_dict(self.eval_model) if state["batch"] == 0 else None  # epoch boundary
         if not self.writes:
             distributed.barrier(self.world)  # wait until rank 0 has written it
             return
+        if sharded is not None:
+            tensors = {"sharded": sharded}
+        else:
+            tensors = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
         payload = {
             "format": CHECKPOINT_FORMAT,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **tensors,
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "rng": {"torch": torch.get_rng_state(), **_cuda_rng()},
             "state": state,
             "history": history,
         }
-        save_checkpoint(payload, self.run_dir / "checkpoint.pt")
-        if state["batch"] == 0:  # epoch boundary: the student's weights as of now
-            save_weights(self.eval_model.state_dict(), self.run_dir / f"{self.weights_name}.safetensors")
+        save_checkpoint(payload, self.run_dir / "checkpoint.pt")  # from here on the new checkpoint is in force
+        if sharded is not None:
+            fsdp.remove_unused(self.run_dir, keep=sharded)
+        if weights is not None:  # the student's weights as of now
+            save_weights(weights, self.run_dir / f"{self.weights_name}.safetensors")
         distributed.barrier(self.world)
+
+    def _save_best(self, state: dict[str, Any], record: dict[str, float]) -> None:
+        """Under FSDP, the eval model's weights when this epoch is the best so far (else SelectBest writes them)."""
+        if not self.gathers_best or state["best_epoch"] != record["epoch"]:
+            return
+        weights = fsdp.full_state_dict(self.eval_model)
+        if self.best_path is not None:
+            save_weights(weights, self.best_path)
 
     def _restore(self) -> tuple[dict[str, Any], list[dict[str, float]]]:
         if self.run_dir is None:
             raise CheckpointError("cannot resume without a run directory")
         path = self.run_dir / "checkpoint.pt"
         payload = load_checkpoint(path)
+        if self.sharded != ("sharded" in payload):
+            written, now = ("fsdp", "ddp") if "sharded" in payload else ("ddp", "fsdp")
+            raise CheckpointError(f"{path}: written with train.strategy {written}; it cannot resume under {now}")
+        if self.sharded:
+            fsdp.load_sharded(self.run_dir / str(payload["sharded"]), self.model, self.optimizer)
+            if self.writes:
+                fsdp.remove_unused(self.run_dir, keep=str(payload["sharded"]))  # half-written by a crash
         try:
-            self.model.load_state_dict(payload["model"])
-            self.optimizer.load_state_dict(payload["optimizer"])
+            if not self.sharded:
+                self.model.load_state_dict(payload["model"])
+                self.optimizer.load_state_dict(payload["optimizer"])
             self.scheduler.load_state_dict(payload["scheduler"])
             self.scaler.load_state_dict(payload["scaler"])
         except (RuntimeError, ValueError, KeyError) as error:
