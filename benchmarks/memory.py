@@ -41,7 +41,7 @@ from timing import machine, write_tables
 
 HERE = Path(__file__).resolve().parent
 UNTOUCHED = "glibc default"
-BOUNDED = str(1024 * 1024)  # the fixed mmap threshold the README suggests (bytes)
+BOUNDED = str(1024 * 1024)  # the fixed mmap threshold the README suggests for data larger than memory (bytes)
 
 
 class Generated(torch.utils.data.Dataset):
