@@ -73,9 +73,9 @@ def worker(rank: int, world: int, init_file: str, tmp: str) -> None:
         dist.destroy_process_group()
 
 
-def step_losses(run_dir) -> list[float]:
+def step_losses(run_dir, key: str = "loss", kind: str = "step") -> list[float]:
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss"] for r in lines if r["kind"] == "step"]
+    return [r[key] for r in lines if r["kind"] == kind]
 
 
 def assert_same_weights(got: dict, want: dict) -> None:
@@ -173,3 +173,60 @@ def test_torchrun_trains_the_cli_sharded(tmp_path):
     student = build_model("cnn", {"channels": [2, 4]}, input_shape=(1, 8, 8), num_classes=10)
     student.load_state_dict(read_state_dict(tmp_path / "run" / "distill" / "student.safetensors"))
     assert read_state_dict(tmp_path / "run" / "distill" / "adapters.safetensors")
+
+
+class Stack(torch.nn.Module):
+    """Blocks in a ``ModuleList`` and a head beside them: the head lands in the task's root group."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList([torch.nn.Linear(8, 8) for _ in range(2)])
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = torch.relu(layer(x))
+        return self.head(x)
+
+
+def evaluated_run(run_dir, strategy: str) -> None:
+    """Two epochs of a plain classifier, evaluated after each outside the task's own forward."""
+    from kdistill.pipeline import Supervised
+
+    torch.manual_seed(0)
+    model = Stack()
+    if fsdp.active(strategy):
+        fsdp.shard(model, torch.device("cpu"), None, root=False)
+    task = Supervised(model)
+    generator = torch.Generator().manual_seed(1)
+    train = TensorData(torch.randn(32, 8, generator=generator), torch.randint(0, 3, (32,), generator=generator))
+    config = TrainConfig(epochs=2, lr=0.01, schedule="constant", seed=0, device="cpu", strategy=strategy)
+    Trainer(
+        task,
+        task.parameters(),
+        train,
+        config,
+        batch_size=8,
+        eval_model=model,
+        eval_sets={"test": train},
+        run_dir=run_dir,
+    ).fit()
+
+
+def evaluated_worker(rank: int, init_file: str, tmp: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        evaluated_run(os.path.join(tmp, "multi"), "fsdp")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_a_sharded_model_is_evaluated_with_its_root_parameters_gathered(tmp_path):
+    """~10 s. Evaluation calls the model, not the task: its head, in the root group, is gathered for it."""
+    evaluated_run(tmp_path / "single", "ddp")
+    mp.spawn(evaluated_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    for key in ("test/loss", "test/accuracy"):
+        got, want = (step_losses(tmp_path / run, key, kind="epoch") for run in ("multi", "single"))
+        assert len(want) == 2
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=0)

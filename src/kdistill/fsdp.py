@@ -26,8 +26,10 @@ CPU memory, and written by rank 0 as usual.
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -100,6 +102,22 @@ def set_gradient_sync(model: nn.Module, sync: bool) -> None:
     """Reduce gradients at the next backward (the last of an accumulation group) or keep them local."""
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(sync)
+
+
+@contextlib.contextmanager
+def root_gathered(model: nn.Module) -> Iterator[None]:
+    """Within it, the parameters of a sharded ``model``'s root group (a task's embeddings, norms,
+    head, adapters) are whole: for calling a submodule of ``model`` (the student, to evaluate it)
+    without ``model``'s own forward, which would gather them. The blocks gather their own as they
+    run. Every rank must enter it."""
+    if not isinstance(model, FSDPModule):
+        yield
+        return
+    model.unshard()
+    try:
+        yield
+    finally:
+        model.reshard()
 
 
 def is_sharded(model: nn.Module) -> bool:

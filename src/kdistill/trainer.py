@@ -426,9 +426,10 @@ class Trainer:
     def _evaluate(self) -> dict[str, float]:
         faults.reached("evaluate")
         record = {}
-        for name, data in self.eval_sets.items():
-            for metric, value in evaluate(self.eval_model, data, self.eval_batch_size, self.device).items():
-                record[f"{name}/{metric}"] = value
+        with fsdp.root_gathered(self.model):  # the eval model runs without the task's root forward
+            for name, data in self.eval_sets.items():
+                for metric, value in evaluate(self.eval_model, data, self.eval_batch_size, self.device).items():
+                    record[f"{name}/{metric}"] = value
         return record
 
     def _epoch_line(self, record: dict[str, float]) -> str:
