@@ -180,3 +180,16 @@ def test_building_a_mapped_split_of_200_mb_takes_little_memory(tmp_path):
     splits = load_data(config(path))
     splits.train.take(torch.arange(256))
     assert anonymous_memory() - before < 50e6
+
+
+def test_statistics_of_a_large_mapped_split_sample_all_of_it_not_its_first_rows(tmp_path, monkeypatch):
+    # Sorted by class, as files often are: the first rows are all one class (inputs 0), the rest 10.
+    monkeypatch.setattr(data_module, "STATISTICS_SAMPLE", 10)
+    x = np.concatenate([np.zeros((60, 4), np.float32), np.full((60, 4), 10.0, np.float32)])
+    y = np.repeat([0, 1], 60)
+    np.savez(tmp_path / "sorted.npz", x_train=x, y_train=y, x_test=x[::10], y_test=y[::10])
+    splits = load_data(config(tmp_path / "sorted.npz", validation_fraction=0.0))
+    assert isinstance(splits.train, MappedData)
+    assert splits.train.mean == pytest.approx(5.0)  # the first 10 rows alone would give 0
+    rows = data_module.statistics_rows(splits.train)
+    assert len(rows) == 10 and int(rows[0]) == 0 and int(rows[-1]) == len(splits.train) - 1

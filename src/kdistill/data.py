@@ -265,7 +265,7 @@ def load_data(config: DataConfig) -> Splits:
     # if asked (splits_digest), from the raw items, which normalisation never touches.
     source_digest = None if isinstance(train, LazyData) else _digest(train, validation, test)
     if isinstance(train, LazyData):  # statistics from a bounded sample; applied item by item
-        sample = train.raw(torch.arange(min(len(train), STATISTICS_SAMPLE)))
+        sample = train.raw(statistics_rows(train))
         mean, std = float(sample.mean()), float(sample.std().clamp_min(1e-6))
         for part in (train, validation, test):
             if part is not None:
@@ -675,6 +675,15 @@ def _lazy(dataset: object, source: str, part: str) -> LazyData:
         ) from None
 
 
+def statistics_rows(part: Data) -> Tensor:
+    """The rows a lazy split's statistics and checks read: all of a small split, else
+    :data:`STATISTICS_SAMPLE` spread evenly over it — not the first ones, which in a file sorted by
+    class would be one class (and no permutation of a billion rows is ever made)."""
+    if len(part) <= STATISTICS_SAMPLE:
+        return torch.arange(len(part))
+    return torch.linspace(0, len(part) - 1, STATISTICS_SAMPLE, dtype=torch.float64).round().long()
+
+
 def _check(part: TensorData, which: str, name: str) -> None:
     if len(part) == 0:
         raise ConfigError(f"dataset {name!r}: the {which} split is empty")
@@ -684,7 +693,7 @@ def _check(part: TensorData, which: str, name: str) -> None:
             f"dataset {name!r}: the training split has 1 sample after holding out the test and validation "
             "samples; kdistill needs at least 2: add data, or lower data.test_fraction / data.validation_fraction"
         )
-    inputs = part.raw(torch.arange(min(len(part), STATISTICS_SAMPLE))) if isinstance(part, LazyData) else part.inputs
+    inputs = part.raw(statistics_rows(part)) if isinstance(part, LazyData) else part.inputs
     if not part.is_text and not torch.isfinite(inputs).all():
         raise ConfigError(f"dataset {name!r}: the {which} inputs contain NaN or infinite values")
     if int(part.labels.min()) < 0:
