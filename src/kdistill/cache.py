@@ -286,6 +286,7 @@ class TeacherCache:
         if expected is None:  # the caller may have computed it already (a lazy dataset is read to hash it)
             expected = fingerprint(teacher, data, augment, layers, storage, topk, temperature, coarsen_id)
         place = place or World()
+        home = next((parameter.device for parameter in teacher.parameters()), None)  # where it goes back to
         teacher = teacher.eval().to(device)
         n, dtype = len(data), STORAGE[storage]
         batches = [(view, start) for view in range(views) for start in range(0, n, batch_size)]
@@ -394,6 +395,8 @@ class TeacherCache:
             bar.close()
             if partial is not None:
                 shutil.rmtree(partial, ignore_errors=True)  # ours alone: gone once published or failed
+            if home is not None:  # every rank built: none keeps a whole teacher on its device for training
+                teacher.to(home)
 
     def lookup(
         self, indices: Tensor, epoch: int = 0, tokens: int | None = None
