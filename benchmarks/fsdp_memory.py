@@ -115,7 +115,7 @@ def markdown(results: dict[str, list[dict]], sizes: dict, command: str) -> str:
     ]
     for label, key in (
         ("student parameters", "student_parameter_bytes"),
-        ("optimizer state", "optimizer_state_bytes"),
+        ("optimizer state (student and adapter)", "optimizer_state_bytes"),
         ("teacher parameters", "teacher_parameter_bytes"),
         ("peak resident memory during the steps", "peak_during_steps_bytes"),
     ):

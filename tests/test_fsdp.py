@@ -230,3 +230,8 @@ def test_a_sharded_model_is_evaluated_with_its_root_parameters_gathered(tmp_path
         got, want = (step_losses(tmp_path / run, key, kind="epoch") for run in ("multi", "single"))
         assert len(want) == 2
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=0)
+
+
+def test_float16_is_refused_with_what_to_set():
+    with pytest.raises(ConfigError, match=r"set train\.amp to bf16 or off"):
+        fsdp.shard(torch.nn.Linear(2, 2), torch.device("cpu"), torch.float16)

@@ -413,8 +413,8 @@ class FolderImages(torch.utils.data.Dataset):
     workers with ``data.workers``): ``(C, H, W)`` float32 in [0, 1] and the class index.
 
     The paths are one array of bytes and the labels one integer array, not Python objects per image:
-    a path's length plus 8 bytes an image (40 for 30-character paths, where a ``Path`` and an ``int``
-    in lists took 354), and DataLoader workers do not copy them page by page as they touch
+    the longest path's length plus 8 bytes an image (40 for 30-character paths, where a ``Path`` and
+    an ``int`` in lists took 354), and DataLoader workers do not copy them page by page as they touch
     reference counts."""
 
     def __init__(self, files: np.ndarray, labels: np.ndarray, mode: str, size: tuple[int, int]) -> None:

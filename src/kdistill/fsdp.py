@@ -82,7 +82,10 @@ def shard(model: nn.Module, device: torch.device, amp_dtype: torch.dtype | None,
     trainer will shard inside a bigger task (a student inside a distiller) gets ``root=False`` and
     must not run before the trainer has sharded the task."""
     if amp_dtype == torch.float16:
-        raise ConfigError("train.strategy fsdp supports train.amp bf16 or off, not fp16 (no gradient scaler here)")
+        raise ConfigError(
+            "train.strategy fsdp trains in float16 only with a gradient scaler, which sharded models lack here: "
+            "set train.amp to bf16 or off (auto picks float16 on a GPU without bf16)"
+        )
     options = {
         "mesh": init_device_mesh(device.type, (distributed.world().size,)),
         "reshard_after_forward": True,

@@ -7,6 +7,8 @@ A run directory holds::
     baseline/               the student trained alone with the same budget
     distill/                the distilled student: checkpoint.pt, student.safetensors,
                             student_best.safetensors, adapters.safetensors, metrics.jsonl, tensorboard/
+                            (under train.strategy fsdp also checkpoint-<token>.dcp/, the sharded
+                            state that checkpoint.pt names)
     report.json, report.md, plots/
 """
 

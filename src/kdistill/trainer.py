@@ -289,9 +289,9 @@ class Trainer:
         state = {"epoch": 0, "batch": 0, "update": 0, "best_accuracy": None, "best_epoch": None, "stale": 0}
         result = TrainResult()
         if self.writes and self.run_dir.is_dir():
-            remove_stale_temporaries(self.run_dir)  # left by a crash inside a checkpoint write
-            if self.sharded and not resume:
-                fsdp.remove_unused(self.run_dir, keep=None)  # an earlier run's, or half-written ones
+            # Left by a crash inside a checkpoint write. (Sharded directories that no checkpoint.pt
+            # names go at the first save: until then an earlier checkpoint.pt stays whole.)
+            remove_stale_temporaries(self.run_dir)
         self.resumed = resume
         if resume:
             state, result.history = self._restore()
