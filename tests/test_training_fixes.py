@@ -162,6 +162,7 @@ def _early_stop_worker(rank: int, world: int, init_file: str, out_dir: str) -> N
             eval_sets={"validation": toy_data(16, seed=10 + rank)},
         )
         result = trainer.fit()
+        del trainer, task  # DDP's reducer goes before the process group it uses
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as handle:
             json.dump({"epochs": len(result.history), "best": result.best_epoch}, handle)
     finally:

@@ -175,18 +175,19 @@ def _run(config: Any, args: argparse.Namespace, title: str) -> int:
     import dataclasses
     import time
 
-    from kdistill.distributed import setup_from_environment
+    from kdistill.distributed import process_group_from_environment
     from kdistill.pipeline import run
     from kdistill.report import markdown
 
-    place = setup_from_environment()  # under torchrun: join the process group (gloo on CPU, NCCL on CUDA)
     out = Path(args.out or config.out)
     args.resolved_out, args.started_at = out, time.time()
     config = dataclasses.replace(config, out=str(out))
-    quiet = args.quiet or not place.is_main
-    log = (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
     started = time.perf_counter()
-    report = run(config, out, resume=args.resume, force=args.force, log=log)
+    # Under torchrun: join the process group (gloo on CPU, NCCL on CUDA) for the run, leave it after.
+    with process_group_from_environment() as place:
+        quiet = args.quiet or not place.is_main
+        log = (lambda line: None) if quiet else (lambda line: print(line, file=sys.stderr, flush=True))
+        report = run(config, out, resume=args.resume, force=args.force, log=log)
     if not place.is_main:
         return 0
     seconds = time.perf_counter() - started

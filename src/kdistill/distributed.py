@@ -11,7 +11,9 @@ logs, progress bars, checkpoints and reports.
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -58,6 +60,20 @@ def setup_from_environment() -> World:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend_for(cuda))
     return world()
+
+
+@contextlib.contextmanager
+def process_group_from_environment() -> Iterator[World]:
+    """:func:`setup_from_environment` for the length of a command; the group it joined is destroyed at
+    the end, while the interpreter is whole — left to the interpreter's exit, gloo's threads can abort
+    the process (SIGABRT) as it finalises. A group that already existed is left to its owner."""
+    existed = dist.is_available() and dist.is_initialized()
+    place = setup_from_environment()
+    try:
+        yield place
+    finally:
+        if not existed and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def shard(indices: Tensor, place: World) -> Tensor:
