@@ -208,7 +208,7 @@ def evaluated_run(run_dir, strategy: str) -> None:
         config,
         batch_size=8,
         eval_model=model,
-        eval_sets={"test": train},
+        eval_sets={"validation": train},
         run_dir=run_dir,
     ).fit()
 
@@ -226,10 +226,15 @@ def test_a_sharded_model_is_evaluated_with_its_root_parameters_gathered(tmp_path
     """~10 s. Evaluation calls the model, not the task: its head, in the root group, is gathered for it."""
     evaluated_run(tmp_path / "single", "ddp")
     mp.spawn(evaluated_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    for key in ("test/loss", "test/accuracy"):
+    for key in ("validation/loss", "validation/accuracy"):
         got, want = (step_losses(tmp_path / run, key, kind="epoch") for run in ("multi", "single"))
         assert len(want) == 2
         torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=0)
+    # The best epoch's weights, gathered by both ranks, written whole by rank 0.
+    assert_same_weights(
+        read_state_dict(tmp_path / "multi" / "student_best.safetensors"),
+        read_state_dict(tmp_path / "single" / "student_best.safetensors"),
+    )
 
 
 def test_float16_is_refused_with_what_to_set():

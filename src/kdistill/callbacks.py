@@ -140,9 +140,9 @@ class ProgressBar(Callback):
 
 
 class SelectBest(Callback):
-    """Keeps the epoch with the best ``select_on`` accuracy (its eval-model weights as
-    ``<weights_name>_best.safetensors`` in ``run_dir``) and stops after ``patience`` epochs
-    without a better one. ``select_on`` None: the last epoch is the chosen one."""
+    """Keeps the epoch with the best ``select_on`` accuracy (its eval-model weights in ``best_path``,
+    written by rank 0, gathered by all when sharded) and stops after ``patience`` epochs without a
+    better one. ``select_on`` None: the last epoch is the chosen one."""
 
     def __init__(self, select_on: str | None, patience: int | None, best_path: Path | None) -> None:
         self.select_on, self.patience, self.best_path = select_on, patience, best_path
@@ -155,7 +155,9 @@ class SelectBest(Callback):
         if state["best_accuracy"] is None or accuracy > state["best_accuracy"]:
             state["best_accuracy"], state["best_epoch"], state["stale"] = accuracy, record["epoch"], 0
             if self.best_path is not None:
-                save_weights(trainer.eval_model.state_dict(), self.best_path)
+                weights = trainer.eval_weights()  # on every rank
+                if trainer.writes:
+                    save_weights(weights, self.best_path)
         else:
             state["stale"] += 1
         if self.patience is not None and state["stale"] >= self.patience:

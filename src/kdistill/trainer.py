@@ -234,13 +234,8 @@ class Trainer:
         self.amp_dtype = None if fsdp.active(config.strategy) else amp_dtype(config.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         select = select_on if select_on in self.eval_sets else None
-        best = self.run_dir / f"{weights_name}_best.safetensors" if self.writes else None
-        # Sharded weights are gathered by every rank: the trainer writes the best ones (_save_best).
-        self.gathers_best = fsdp.active(config.strategy) and select is not None and self.run_dir is not None
-        self.best_path = best
-        self.callbacks: list[Callback] = [
-            SelectBest(select, config.early_stopping, None if self.gathers_best else best)
-        ]
+        best = self.run_dir / f"{weights_name}_best.safetensors" if self.run_dir is not None else None
+        self.callbacks: list[Callback] = [SelectBest(select, config.early_stopping, best)]
         if self.writes:
             self.callbacks.append(MetricsWriter(self.run_dir))
         if self.world.is_main:
@@ -317,7 +312,6 @@ class Trainer:
                     record = distributed.main_value(record, self.world)
                     result.history.append(record)
                     stop = any([callback.on_epoch_end(self, state, record) for callback in self.callbacks])
-                    self._save_best(state, record)
                     state["epoch"], state["batch"] = state["epoch"] + 1, 0
                     self._save(state, result.history)
                     self.log(self._epoch_line(record))
@@ -445,7 +439,7 @@ class Trainer:
             return
         # Sharded: every rank writes its shards and gathers the weights; rank 0 writes the rest.
         sharded = fsdp.save_sharded(self.run_dir, self.model, self.optimizer) if self.sharded else None
-        weights = fsdp.full_state_dict(self.eval_model) if state["batch"] == 0 else None  # epoch boundary
+        weights = self.eval_weights() if state["batch"] == 0 else None  # epoch boundary
         if not self.writes:
             distributed.barrier(self.world)  # wait until rank 0 has written it
             return
@@ -469,13 +463,10 @@ class Trainer:
             save_weights(weights, self.run_dir / f"{self.weights_name}.safetensors")
         distributed.barrier(self.world)
 
-    def _save_best(self, state: dict[str, Any], record: dict[str, float]) -> None:
-        """Under FSDP, the eval model's weights when this epoch is the best so far (else SelectBest writes them)."""
-        if not self.gathers_best or state["best_epoch"] != record["epoch"]:
-            return
-        weights = fsdp.full_state_dict(self.eval_model)
-        if self.best_path is not None:
-            save_weights(weights, self.best_path)
+    def eval_weights(self) -> dict[str, Tensor]:
+        """The eval model's whole weights. Every rank must call it: sharded weights are gathered
+        into rank 0's CPU memory (the other ranks get ``{}``)."""
+        return fsdp.full_state_dict(self.eval_model)
 
     def _restore(self) -> tuple[dict[str, Any], list[dict[str, float]]]:
         if self.run_dir is None:
