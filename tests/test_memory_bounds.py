@@ -52,3 +52,33 @@ def test_an_image_folder_reads_a_bounded_sample_for_its_statistics(tmp_path, mon
     # 16 items checked against the folder's labels, then the statistics sample and the checks of
     # three splits (4 each) and one sample per split for its shape: never all 80 images.
     assert len(decoded) <= 16 + 4 * 4 + 3, len(decoded)
+
+
+def test_a_folder_is_identified_by_its_files_not_by_decoding_them(tmp_path, monkeypatch):
+    import os
+
+    from PIL import Image
+
+    import kdistill.data as data
+    from kdistill.cache import data_digest
+    from kdistill.config import DataConfig
+
+    _write_images(tmp_path, 40)
+
+    def digests() -> tuple[str, str]:
+        splits = data.load_data(DataConfig(dataset="folder", path=str(tmp_path), augment="none"))
+        decoded.clear()
+        found = data.splits_digest(splits), data_digest(splits.train)
+        assert decoded == [], "a digest decoded images"
+        return found
+
+    decoded: list[int] = []
+    convert = Image.Image.convert
+    monkeypatch.setattr(Image.Image, "convert", lambda self, *a, **k: decoded.append(1) or convert(self, *a, **k))
+    first = digests()
+    assert digests() == first  # the same folder, loaded again
+    edited = tmp_path / "1" / "0001.png"
+    Image.new("L", (4, 4), color=200).save(edited)
+    os.utime(edited, ns=(1, 1))  # another modification time, whatever the file system's clock granularity
+    second = digests()
+    assert second[0] != first[0] and second[1] != first[1]

@@ -121,9 +121,13 @@ def fingerprint(
 
 def data_digest(data: Data) -> str:
     """The fingerprint of a split's inputs and labels: its own ``digest()`` when it has one (corpus
-    blocks hash their token file), else its tensors (a lazy split is read through once)."""
+    blocks hash their token file), its files' ``file_identity()`` and normalisation (image folders, mapped
+    arrays: nothing decoded), else its tensors (a lazy split is read through once)."""
     if callable(getattr(data, "digest", None)):
         return str(data.digest())
+    identity = data.file_identity() if callable(getattr(data, "file_identity", None)) else None
+    if identity is not None:
+        return hashlib.sha256(f"{identity}:{data.mean!r}:{data.std!r}".encode()).hexdigest()[:20]
     if isinstance(data, TensorData):
         return tensor_digest([*_tensors(data.inputs), data.labels])
     sha = hashlib.sha256()

@@ -187,6 +187,18 @@ class LazyData(Batched):
         """The batch ``indices``: ``(inputs, labels)``, normalised."""
         return (self.raw(indices) - self.mean) / self.std, self.labels[indices]
 
+    def file_identity(self) -> str | None:
+        """A digest of this split's raw data read from its files' metadata, not their contents —
+        paths, sizes, modification times (``file_identity(rows)`` of an image folder or a mapped array) —
+        plus its labels; None for datasets that cannot say (a factory's: those are read to be hashed).
+        A large folder is then identified in seconds, not by decoding every image."""
+        identify = getattr(self.dataset, "file_identity", None)
+        if not callable(identify):
+            return None
+        sha = hashlib.sha256(str(identify(self.rows)).encode())
+        sha.update(self.labels.contiguous().view(torch.uint8).numpy())
+        return sha.hexdigest()[:20]
+
     def subset(self, positions: Tensor) -> LazyData:
         """The split made of this split's ``positions``."""
         part = type(self)(self.dataset, self.rows[positions], self.labels[positions], self.source)
@@ -420,6 +432,19 @@ class FolderImages(torch.utils.data.Dataset):
     def __init__(self, files: np.ndarray, labels: np.ndarray, mode: str, size: tuple[int, int]) -> None:
         self.files, self.targets, self.mode, self.size = files, labels, mode, size
 
+    def file_identity(self, rows: Tensor) -> str:
+        """The files of ``rows`` as the file system describes them — path, label, size, modification
+        time — with the decoding settings: an edited image changes it, nothing is decoded."""
+        sha = hashlib.sha256(f"{self.mode}:{self.size};".encode())
+        for row in rows.tolist():
+            path = self.files[row]
+            try:
+                status = os.stat(path)
+            except OSError as error:
+                raise ConfigError(f"cannot read image {os.fsdecode(path)!r}: {error}") from None
+            sha.update(path + f":{int(self.targets[row])}:{status.st_size}:{status.st_mtime_ns};".encode())
+        return sha.hexdigest()
+
     def __len__(self) -> int:
         return len(self.files)
 
@@ -633,6 +658,14 @@ class MappedArray:
     def __len__(self) -> int:
         return self.shape[0]
 
+    def file_identity(self, rows: Tensor) -> str:
+        """Where the array lies and the file's size and modification time, with the ``rows`` taken."""
+        status = os.stat(self.path)
+        where = f"{Path(self.path).resolve()}:{self.offset}:{self.dtype.str}:{self.shape}"
+        sha = hashlib.sha256(f"{where}:{status.st_size}:{status.st_mtime_ns};".encode())
+        sha.update(rows.to(torch.int64).contiguous().numpy().tobytes())
+        return sha.hexdigest()
+
     def rows(self, indices: Tensor) -> Tensor:
         """Rows ``indices`` as float32 ``(B, ...)``; ``(B, H, W)`` images gain a channel."""
         batch = torch.from_numpy(np.asarray(self.array[indices.numpy()], dtype=np.float32))
@@ -752,6 +785,10 @@ def _digest(train: Data, validation: Data | None, test: Data) -> str:
     for which, part in (("train", train), ("validation", validation), ("test", test)):
         if part is None:
             sha.update(f"{which}:none;".encode())
+            continue
+        identity = part.file_identity() if isinstance(part, LazyData) else None
+        if identity is not None:  # files described by the file system, not read
+            sha.update(f"{which}.identity:{identity};".encode())
             continue
         if isinstance(part, LazyData):  # streamed, a bounded batch at a time
             for start in range(0, len(part), 1024):
