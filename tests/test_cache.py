@@ -157,3 +157,14 @@ def test_topk_cache_trains_through_the_distiller(tmp_path, data):
     out["loss"].backward()
     assert torch.isfinite(out["response"]) and out["response"] > 0
     assert cache.bytes_per_sample == 3 * 2 + 3 * 4 + 4  # float16 values, int32 ids, float32 log-rest
+
+
+def test_training_from_the_cache_leaves_the_teacher_where_it_was():
+    # A trainer moves its task to the device (.to); a float64 cast shows the same on any machine.
+    teacher, student = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    task = CachedDistillation(Distiller(teacher, student), cache=None)
+    task.double()
+    assert student.weight.dtype == torch.float64
+    assert teacher.weight.dtype == torch.float32  # the cache replaces it: it stays off the device
+    live = Distiller(teacher, torch.nn.Linear(4, 3)).double()
+    assert live.teacher.weight.dtype == torch.float64  # a live teacher moves with its distiller

@@ -12,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from kdistill import Distiller, FeaturePair, fsdp
+from kdistill.callbacks import Callback
 from kdistill.checkpoint import read_state_dict
 from kdistill.config import TrainConfig, from_dict
 from kdistill.core.errors import CheckpointError, ConfigError
@@ -189,7 +190,18 @@ class Stack(torch.nn.Module):
         return self.head(x)
 
 
-def evaluated_run(run_dir, strategy: str) -> None:
+class StopAfter(Callback):
+    """A Ctrl-C at update ``update``: the trainer checkpoints and returns."""
+
+    def __init__(self, update: int) -> None:
+        self.update = update
+
+    def on_step_end(self, trainer, state, record) -> None:
+        if state["update"] == self.update:
+            trainer.stop_requested = True
+
+
+def evaluated_run(run_dir, strategy: str, stop_after: int | None = None, resume: bool = False) -> None:
     """Two epochs of a plain classifier, evaluated after each outside the task's own forward."""
     from kdistill.pipeline import Supervised
 
@@ -201,7 +213,7 @@ def evaluated_run(run_dir, strategy: str) -> None:
     generator = torch.Generator().manual_seed(1)
     train = TensorData(torch.randn(32, 8, generator=generator), torch.randint(0, 3, (32,), generator=generator))
     config = TrainConfig(epochs=2, lr=0.01, schedule="constant", seed=0, device="cpu", strategy=strategy)
-    Trainer(
+    trainer = Trainer(
         task,
         task.parameters(),
         train,
@@ -210,13 +222,18 @@ def evaluated_run(run_dir, strategy: str) -> None:
         eval_model=model,
         eval_sets={"validation": train},
         run_dir=run_dir,
-    ).fit()
+        callbacks=[StopAfter(stop_after)] if stop_after is not None else [],
+    )
+    trainer.fit(resume=resume)
 
 
 def evaluated_worker(rank: int, init_file: str, tmp: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     try:
         evaluated_run(os.path.join(tmp, "multi"), "fsdp")
+        # Stopped after an epoch's last update, a resumed run evaluates before any forward of its task.
+        evaluated_run(os.path.join(tmp, "resumed"), "fsdp", stop_after=4)
+        evaluated_run(os.path.join(tmp, "resumed"), "fsdp", resume=True)
     finally:
         dist.destroy_process_group()
 
@@ -227,9 +244,11 @@ def test_a_sharded_model_is_evaluated_with_its_root_parameters_gathered(tmp_path
     evaluated_run(tmp_path / "single", "ddp")
     mp.spawn(evaluated_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     for key in ("validation/loss", "validation/accuracy"):
-        got, want = (step_losses(tmp_path / run, key, kind="epoch") for run in ("multi", "single"))
+        want = step_losses(tmp_path / "single", key, kind="epoch")
         assert len(want) == 2
-        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=0)
+        for run in ("multi", "resumed"):
+            got = step_losses(tmp_path / run, key, kind="epoch")
+            torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=0)
     # The best epoch's weights, gathered by both ranks, written whole by rank 0.
     assert_same_weights(
         read_state_dict(tmp_path / "multi" / "student_best.safetensors"),

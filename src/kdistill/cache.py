@@ -841,6 +841,12 @@ class CachedDistillation(nn.Module):
         self.distiller = distiller
         self.cache = cache
 
+    def _apply(self, fn: Callable, recurse: bool = True) -> CachedDistillation:
+        # .to(device) moves the student and the adapters; the teacher, which the cache replaces,
+        # stays where it is (a distiller alone moves it along: see Distiller._apply).
+        nn.Module._apply(self.distiller, fn, recurse)
+        return self
+
     def forward(self, inputs: Inputs, labels: Tensor | None = None, *, index: Tensor, epoch: int = 0) -> dict:
         logits, features = self.cache.lookup(index, epoch, token_length(inputs))
         device = primary(inputs).device

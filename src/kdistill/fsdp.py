@@ -116,6 +116,9 @@ def root_gathered(model: nn.Module) -> Iterator[None]:
     if not isinstance(model, FSDPModule):
         yield
         return
+    # FSDP2 decides which module is the root at the first forward; a block that ran first (here,
+    # inside the eval model, as when a run resumes at an epoch's end) would make itself a root.
+    model._get_fsdp_state()._lazy_init()
     model.unshard()
     try:
         yield

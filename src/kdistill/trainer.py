@@ -92,7 +92,6 @@ def eval_batches(data: Any, batch_size: int) -> Iterable[Any]:
     return data
 
 
-@torch.inference_mode()
 def evaluate(model: nn.Module, data: Any, batch_size: int, device: torch.device | str = "cpu") -> dict[str, float]:
     """Top-1 accuracy and mean cross-entropy of ``model`` (logits out) on ``data`` (see :func:`eval_batches`)."""
     from kdistill.core.calls import call_model, default_logits
@@ -100,13 +99,16 @@ def evaluate(model: nn.Module, data: Any, batch_size: int, device: torch.device 
     was_training = model.training
     model.eval()
     correct, loss, seen = 0, 0.0, 0
-    for batch in eval_batches(data, batch_size):
-        inputs, labels, _ = unpack(batch)
-        inputs, labels = move(inputs, device), labels.to(device)
-        logits = default_logits(call_model(model, inputs)).float()
-        correct += int((logits.argmax(-1) == labels).sum())
-        loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
-        seen += len(labels)
+    # A sharded model's blocks gather into buffers that training reuses: made under inference mode,
+    # they could never be written by training again (no_grad makes ordinary tensors).
+    with torch.no_grad() if fsdp.is_sharded(model) else torch.inference_mode():
+        for batch in eval_batches(data, batch_size):
+            inputs, labels, _ = unpack(batch)
+            inputs, labels = move(inputs, device), labels.to(device)
+            logits = default_logits(call_model(model, inputs)).float()
+            correct += int((logits.argmax(-1) == labels).sum())
+            loss += float(torch.nn.functional.cross_entropy(logits, labels, reduction="sum"))
+            seen += len(labels)
     model.train(was_training)
     return {"accuracy": correct / max(1, seen), "loss": loss / max(1, seen)}
 
