@@ -193,3 +193,26 @@ def test_a_cli_run_under_torchrun_builds_the_cache_on_both_ranks_and_distils_the
     assert sorted(got) == sorted(want)
     for key in want:
         torch.testing.assert_close(got[key], want[key])
+
+
+def _key_worker(rank: int, init_file: str, out: str) -> None:
+    from kdistill.config import from_dict
+    from kdistill.data import Splits
+    from kdistill.pipeline import teacher_cache_key
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        part = TensorData(torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long))
+        # Each node's copy of the same folder: other file times, another local digest.
+        splits = Splits("copy", part, None, part, 2, source_digest=f"files-on-node-{rank}")
+        with open(os.path.join(out, f"key{rank}"), "w") as handle:
+            handle.write(teacher_cache_key(from_dict({}), splits))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_every_rank_keys_the_trained_teacher_by_rank_0s_data_digest(tmp_path):
+    """~5 s. Otherwise rank 0 could find a cached teacher while another rank trains one, and hang."""
+    mp.spawn(_key_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    assert (tmp_path / "key0").read_text() == (tmp_path / "key1").read_text()

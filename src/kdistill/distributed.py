@@ -64,16 +64,16 @@ def setup_from_environment() -> World:
 
 @contextlib.contextmanager
 def process_group_from_environment() -> Iterator[World]:
-    """:func:`setup_from_environment` for the length of a command; the group it joined is destroyed at
-    the end, while the interpreter is whole — left to the interpreter's exit, gloo's threads can abort
-    the process (SIGABRT) as it finalises. A group that already existed is left to its owner."""
+    """:func:`setup_from_environment` for the length of a command; the group it joined is destroyed
+    when the command succeeds, while the interpreter is whole — left to the interpreter's exit,
+    gloo's threads can abort the process (SIGABRT) as it finalises. On an error it is left alone: the
+    other ranks may still wait in a collective, and destroying an NCCL group then can block; torchrun
+    ends them once this process exits. A group that already existed is left to its owner."""
     existed = dist.is_available() and dist.is_initialized()
     place = setup_from_environment()
-    try:
-        yield place
-    finally:
-        if not existed and dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+    yield place
+    if not existed and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard(indices: Tensor, place: World) -> Tensor:

@@ -202,7 +202,8 @@ def teacher_cache_key(config: Config, splits: Splits | None = None) -> str:
     """Identifies a trained teacher: its model and seed, the data settings *and contents* (files
     edited at the same path give another teacher), and the training settings. It covers the
     teacher's architecture by name and arguments, not the code behind them: after editing a
-    model's code, delete the cache (``~/.cache/kdistill/teachers``)."""
+    model's code, delete the cache (``~/.cache/kdistill/teachers``). Under several processes every
+    rank calls it, and rank 0's data digest is the key's."""
     if splits is None:
         splits = load_data(config.data)
     identity = {"teacher": to_dict(config.teacher), "data": to_dict(config.data), "train": to_dict(config.train)}
@@ -210,7 +211,8 @@ def teacher_cache_key(config: Config, splits: Splits | None = None) -> str:
     # trains its teacher), left out so that adding them kept every earlier teacher's key.
     for how in ("eval_batch_size", "workers", "block_size", "train_tokens", "eval_tokens"):
         identity["data"].pop(how, None)
-    identity["data_digest"] = splits_digest(splits)
+    # Rank 0's: copies of a folder on several nodes are the same data with other file times.
+    identity["data_digest"] = distributed.main_value(splits_digest(splits), distributed.world())
     for own in ("seed", "epochs", "mixup", "max_steps"):  # the teacher has its own (teacher.seed, .epochs, …)
         identity["train"].pop(own)
     identity["train"].pop("strategy")  # how the ranks share the work, not what is trained
@@ -264,7 +266,10 @@ def prepare_cache(
     layers = distiller.teacher_layers
     d = config.distill
     topk = (d.cache_topk, d.temperature) if d.cache_storage == "topk" else (None, None)
-    expected = fingerprint(teacher, splits.train, augment, layers, d.cache_storage, *topk)
+    # Rank 0's, like the cache it decides on (each node's copy of a folder has its own file times).
+    expected = distributed.main_value(
+        fingerprint(teacher, splits.train, augment, layers, d.cache_storage, *topk), distributed.world()
+    )
     if setting == "auto":
         key = hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:16]
         directory = cache_root(config) / "teacher-outputs" / key
