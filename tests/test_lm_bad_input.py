@@ -13,6 +13,7 @@ import pytest
 pytest.importorskip("transformers")
 
 from kdistill.cli import main
+from kdistill.core.errors import ConfigError
 from tests.test_cli import TINY
 from tests.test_lm_run import lm_files  # noqa: F401 (the fixture, by name)
 
@@ -96,3 +97,23 @@ def test_bad_lm_keys_get_one_line(case, lm_files, tmp_path, monkeypatch, capsys)
     assert err.startswith("kdistill: error:") and message in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err and "internal error" not in err
     assert not (tmp_path / "out" / "config.yaml").exists()
+
+
+def test_a_language_model_run_under_several_processes_is_refused_on_every_rank(tmp_path, monkeypatch):
+    from kdistill import lm_run
+    from kdistill.config import from_dict
+    from kdistill.distributed import World
+
+    settings = {
+        "data": {"dataset": "corpus", "path": "rotten-tomatoes"},
+        "teacher": {"model": "smollm2-135m"},
+        "student": {"model": "shrink", "args": {"every": 2}},
+    }
+    config = from_dict(settings)
+    for rank in (0, 1):
+        monkeypatch.setattr(lm_run, "world", lambda rank=rank: World(rank, 2))
+        with pytest.raises(ConfigError, match=r"train in one process, not 2: run `kdistill train` without torchrun"):
+            lm_run.run(config, tmp_path / "run")
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+    with pytest.raises(ConfigError, match="train in one process, so they cannot shard"):
+        from_dict({**settings, "train": {"strategy": "fsdp"}})

@@ -379,7 +379,7 @@ class Config:
             _require(
                 self.train.strategy == "ddp",
                 "train.strategy",
-                "fsdp is not supported for language-model runs (data.dataset: corpus) yet; use ddp",
+                "language-model runs (data.dataset: corpus) train in one process, so they cannot shard; leave it ddp",
                 self.train.strategy,
             )
             self._check_language_model()

@@ -44,6 +44,7 @@ from kdistill.core.calls import is_causal_lm
 from kdistill.core.distiller import Distiller
 from kdistill.core.errors import CheckpointError, ConfigError, KDistillError
 from kdistill.corpus import CorpusBlocks, TokenCorpus
+from kdistill.distributed import world
 from kdistill.models import load_weights
 from kdistill.report import parameter_count, size_mb
 from kdistill.rundir import RunLock, check_out_path, check_run_dir, move_results_aside
@@ -272,6 +273,11 @@ def run(config: Config, out: Path, *, resume: bool = False, force: bool = False,
 
     if config.data.dataset != CORPUS:
         raise ConfigError(f"lm_run: data.dataset must be corpus, got {config.data.dataset!r}")
+    if world().distributed:  # every rank says so and stops: none waits for another
+        raise ConfigError(
+            f"language-model runs (data.dataset: corpus) train in one process, not {world().size}: run "
+            "`kdistill train` without torchrun (or distil in your own script with the library's Trainer)"
+        )
     out = Path(out)
     check_out_path(out)
     config = absolute_prompt_file(config)
