@@ -216,3 +216,47 @@ def test_every_rank_keys_the_trained_teacher_by_rank_0s_data_digest(tmp_path):
     """~5 s. Otherwise rank 0 could find a cached teacher while another rank trains one, and hang."""
     mp.spawn(_key_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     assert (tmp_path / "key0").read_text() == (tmp_path / "key1").read_text()
+
+
+def _reuse_worker(rank: int, init_file: str, tmp: str) -> None:
+    from kdistill.config import from_dict
+    from kdistill.pipeline import prepare_teacher
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        # Each node has its own cache directory; only rank 0's holds the trained teacher.
+        config = from_dict({"cache_dir": os.path.join(tmp, f"cache{rank}")})
+        prepare_teacher(config, torch.nn.Linear(4, 3), _copy_splits(rank), Path(tmp) / "run", False, print)
+        Path(tmp, f"reused{rank}").touch()
+    finally:
+        dist.destroy_process_group()
+
+
+def _copy_splits(rank: int):
+    from kdistill.data import Splits
+
+    part = TensorData(torch.zeros(4, 1, 2, 2), torch.zeros(4, dtype=torch.long))
+    return Splits("copy", part, None, part, 2, source_digest="same-data")
+
+
+@pytest.mark.slow
+def test_rank_0_decides_whether_a_trained_teacher_is_reused(tmp_path):
+    """~5 s. A rank that trained while rank 0 loaded would wait for it forever."""
+    from kdistill.checkpoint import save_weights
+    from kdistill.config import from_dict
+    from kdistill.pipeline import cached_teacher_path
+
+    path = cached_teacher_path(from_dict({"cache_dir": str(tmp_path / "cache0")}), _copy_splits(0))
+    path.parent.mkdir(parents=True)
+    save_weights(torch.nn.Linear(4, 3).state_dict(), path)
+    context = mp.start_processes(
+        _reuse_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
+    )
+    deadline = time.monotonic() + 60
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("the ranks hung: one trained the teacher while the other had loaded it")
+    assert (tmp_path / "reused0").exists() and (tmp_path / "reused1").exists()
+    assert not (tmp_path / "run" / "teacher").exists()  # nobody trained

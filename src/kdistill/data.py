@@ -434,8 +434,8 @@ class FolderImages(torch.utils.data.Dataset):
 
     def file_identity(self, rows: Tensor) -> str:
         """The files of ``rows`` as the file system describes them — path, label, size, modification
-        and status-change times (the latter no copy can preserve) — with the decoding settings: an
-        edited image changes it, nothing is decoded."""
+        time, as ``make`` and ``rsync`` tell files apart — with the decoding settings: an edited
+        image changes it, nothing is decoded."""
         sha = hashlib.sha256(f"{self.mode}:{self.size};".encode())
         for row in rows.tolist():
             path = self.files[row]
@@ -443,8 +443,7 @@ class FolderImages(torch.utils.data.Dataset):
                 status = os.stat(path)
             except OSError as error:
                 raise ConfigError(f"cannot read image {os.fsdecode(path)!r}: {error}") from None
-            times = f"{status.st_mtime_ns}:{status.st_ctime_ns}"
-            sha.update(path + f":{int(self.targets[row])}:{status.st_size}:{times};".encode())
+            sha.update(path + f":{int(self.targets[row])}:{status.st_size}:{status.st_mtime_ns};".encode())
         return sha.hexdigest()
 
     def __len__(self) -> int:
@@ -661,10 +660,10 @@ class MappedArray:
         return self.shape[0]
 
     def file_identity(self, rows: Tensor) -> str:
-        """Where the array lies and the file's size, modification and status-change times, with the ``rows`` taken."""
+        """Where the array lies and the file's size and modification time, with the ``rows`` taken."""
         status = os.stat(self.path)
         where = f"{Path(self.path).resolve()}:{self.offset}:{self.dtype.str}:{self.shape}"
-        sha = hashlib.sha256(f"{where}:{status.st_size}:{status.st_mtime_ns}:{status.st_ctime_ns};".encode())
+        sha = hashlib.sha256(f"{where}:{status.st_size}:{status.st_mtime_ns};".encode())
         sha.update(rows.to(torch.int64).contiguous().numpy().tobytes())
         return sha.hexdigest()
 

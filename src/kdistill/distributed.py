@@ -65,15 +65,20 @@ def setup_from_environment() -> World:
 @contextlib.contextmanager
 def process_group_from_environment() -> Iterator[World]:
     """:func:`setup_from_environment` for the length of a command; the group it joined is destroyed
-    when the command succeeds, while the interpreter is whole — left to the interpreter's exit,
-    gloo's threads can abort the process (SIGABRT) as it finalises. On an error it is left alone: the
+    at the end, while the interpreter is whole — left to the interpreter's exit, gloo's threads can
+    abort the process (SIGABRT) as it finalises. After an error, a group with NCCL is left alone: the
     other ranks may still wait in a collective, and destroying an NCCL group then can block; torchrun
     ends them once this process exits. A group that already existed is left to its owner."""
     existed = dist.is_available() and dist.is_initialized()
     place = setup_from_environment()
-    yield place
-    if not existed and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    ok = False
+    try:
+        yield place
+        ok = True
+    finally:
+        joined = not existed and dist.is_available() and dist.is_initialized()
+        if joined and (ok or "nccl" not in str(dist.get_backend())):
+            dist.destroy_process_group()
 
 
 def shard(indices: Tensor, place: World) -> Tensor:

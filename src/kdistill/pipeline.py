@@ -224,13 +224,23 @@ def prepare_teacher(config: Config, teacher: nn.Module, splits: Splits, out: Pat
     if config.teacher.weights:  # loaded (and checked) by prepare()
         return teacher
     cached = cached_teacher_path(config, splits)
-    if cached.exists():
+
+    def reuse() -> bool:
+        if not cached.exists():
+            return False
         try:
             load_weights(teacher, cached, "teacher")
             log(f"teacher: reusing the one trained before ({cached})")
-            return teacher
+            return True
         except CheckpointError as error:  # damaged: kdistill's own cache, so train it again
             log(f"teacher: {error}; training it again")
+            return False
+
+    # Rank 0 decides (each node may have a cache directory of its own); train_all then gives every
+    # rank rank 0's teacher.
+    place = distributed.world()
+    if distributed.main_value(distributed.on_main(place, reuse), place):
+        return teacher
     # The teacher's own budget: teacher.epochs (train.max_steps is the students' budget).
     budget = dataclasses.replace(config.train, epochs=config.teacher.epochs, seed=config.teacher.seed, max_steps=None)
     log(f"teacher: no weights given; training it for {budget.epochs} epochs (cached in {cached.parent})")
