@@ -128,6 +128,15 @@ def child_env(setting: str, workdir: Path) -> dict[str, str]:
     return {**env, **allocator_env(setting)}
 
 
+def run_child(code: str, setting: str, workdir: Path, what: str) -> str:
+    """Run ``code`` in a fresh Python under allocator ``setting``; its ``RESULT …`` line."""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=child_env(setting, workdir))
+    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT")), None)
+    if done.returncode != 0 or line is None:
+        raise SystemExit(f"{what} failed:\n{done.stderr[-2000:]}")
+    return line
+
+
 def run_one(data: list[str], samples: int, teacher: Path, workdir: Path, setting: str) -> dict:
     """One training run in a fresh process: its peak memory and time."""
     argv = [
@@ -138,16 +147,10 @@ def run_one(data: list[str], samples: int, teacher: Path, workdir: Path, setting
         "--set", "data.eval_batch_size=256",
     ]  # fmt: skip
     started = time.perf_counter()
-    done = subprocess.run(
-        [sys.executable, "-c", CHILD.format(here=str(HERE), argv=argv)],
-        capture_output=True,
-        text=True,
-        env=child_env(setting, workdir),
-    )
-    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT")), None)
-    if done.returncode != 0 or line is None or line.split()[1] != "0":
-        raise SystemExit(f"the run on {data} failed:\n{done.stderr[-2000:]}")
-    _, _, start_kb, peak_kb = line.split()
+    line = run_child(CHILD.format(here=str(HERE), argv=argv), setting, workdir, f"the run on {data}")
+    _, code, start_kb, peak_kb = line.split()
+    if code != "0":
+        raise SystemExit(f"the run on {data} exited with status {code}")
     return {
         "samples": samples,
         "allocator": label(setting),
@@ -212,15 +215,8 @@ def speed_arm(settings: list[str], rounds: int, epochs: int, workdir: Path) -> t
     for _ in range(rounds):
         shuffler.shuffle(order)
         for setting in order:
-            done = subprocess.run(
-                [sys.executable, "-c", SPEED_CHILD.format(here=str(HERE), epochs=epochs)],
-                capture_output=True,
-                text=True,
-                env=child_env(setting, workdir),
-            )
-            line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT")), None)
-            if done.returncode != 0 or line is None:
-                raise SystemExit(f"the speed run under {label(setting)} failed:\n{done.stderr[-2000:]}")
+            code = SPEED_CHILD.format(here=str(HERE), epochs=epochs)
+            line = run_child(code, setting, workdir, f"the speed run under {label(setting)}")
             result = json.loads(line.split(" ", 1)[1])
             times[setting] += result["seconds"]
             samples = result["samples"]
@@ -244,7 +240,14 @@ def speed_arm(settings: list[str], rounds: int, epochs: int, workdir: Path) -> t
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs=2, default=[20_000, 200_000], help="factory training samples")
+    parser.add_argument(
+        "--sizes",
+        type=int,
+        nargs=2,
+        choices=[2_000, 20_000, 200_000],
+        default=[20_000, 200_000],
+        help="factory training samples (the factories generated_<n> defined here)",
+    )
     parser.add_argument("--images", type=int, nargs=2, default=[2_000, 20_000], help="images in each folder")
     parser.add_argument("--repeats", type=int, default=2, help="runs per size and allocator (fresh processes)")
     parser.add_argument(
