@@ -267,7 +267,7 @@ def load_data(config: DataConfig) -> Splits:
             train = train.subset(torch.arange(config.train_samples))
         else:
             train = TensorData(select(train.inputs, keep), train.labels[keep])
-    _check(train, "training", name)
+    checked = _check(train, "training", name)
     _check(test, "test", name)
     if validation is not None:
         _check(validation, "validation", name)
@@ -276,9 +276,8 @@ def load_data(config: DataConfig) -> Splits:
     # In memory: hashed now, as loaded (normalisation rewrites the tensors below). Lazy: hashed only
     # if asked (splits_digest), from the raw items, which normalisation never touches.
     source_digest = None if isinstance(train, LazyData) else _digest(train, validation, test)
-    if isinstance(train, LazyData):  # statistics from a bounded sample; applied item by item
-        sample = train.raw(statistics_rows(train))
-        mean, std = float(sample.mean()), float(sample.std().clamp_min(1e-6))
+    if isinstance(train, LazyData):  # statistics from the bounded sample _check read; applied item by item
+        mean, std = float(checked.mean()), float(checked.std().clamp_min(1e-6))
         for part in (train, validation, test):
             if part is not None:
                 part.mean, part.std = mean, std
@@ -718,7 +717,9 @@ def statistics_rows(part: Data) -> Tensor:
     return torch.linspace(0, len(part) - 1, STATISTICS_SAMPLE, dtype=torch.float64).round().long()
 
 
-def _check(part: TensorData, which: str, name: str) -> None:
+def _check(part: Data, which: str, name: str) -> Inputs:
+    """Refuse an empty split, NaN/inf inputs and negative labels; returns the inputs it checked (a
+    lazy split's :func:`statistics_rows`, raw)."""
     if len(part) == 0:
         raise ConfigError(f"dataset {name!r}: the {which} split is empty")
     if which == "training" and len(part) < 2:
@@ -732,6 +733,7 @@ def _check(part: TensorData, which: str, name: str) -> None:
         raise ConfigError(f"dataset {name!r}: the {which} inputs contain NaN or infinite values")
     if int(part.labels.min()) < 0:
         raise ConfigError(f"dataset {name!r}: the {which} labels contain negative values ({int(part.labels.min())})")
+    return inputs
 
 
 def first_inputs(part: Data, count: int) -> Inputs:
