@@ -137,6 +137,16 @@ def barrier(place: World) -> None:
 def on_main(place: World, action, *args, **kwargs):
     """Run ``action`` on rank 0 only and return its result there (None on the other ranks); every
     rank then raises rank 0's user error, if any, so that no rank waits forever for one that failed."""
+    return _on_main(place, action, args, kwargs, share=False)
+
+
+def main_decides(place: World, action, *args, **kwargs):
+    """:func:`on_main`, with ``action``'s (picklable) result given to every rank: a decision or a key
+    that rank 0 alone computes and every rank follows."""
+    return _on_main(place, action, args, kwargs, share=True)
+
+
+def _on_main(place: World, action, args: tuple, kwargs: dict, *, share: bool):
     from kdistill.core.errors import KDistillError
 
     message, result = None, None
@@ -146,9 +156,10 @@ def on_main(place: World, action, *args, **kwargs):
         except KDistillError as error:
             message = str(error)
     if place.distributed:
-        box = [message]
+        box = [(message, result if share else None)]  # the error and the shared result: one broadcast
         dist.broadcast_object_list(box, src=0)
-        message = box[0]
+        message, shared = box[0]
+        result = shared if share else result
     if message is not None:
         error = KDistillError(message)
         error.from_main = True  # every rank raises it: the command line says it once

@@ -211,8 +211,8 @@ def teacher_cache_key(config: Config, splits: Splits | None = None) -> str:
     # trains its teacher), left out so that adding them kept every earlier teacher's key.
     for how in ("eval_batch_size", "workers", "block_size", "train_tokens", "eval_tokens"):
         identity["data"].pop(how, None)
-    # Rank 0's: copies of a folder on several nodes are the same data with other file times.
-    identity["data_digest"] = distributed.main_value(splits_digest(splits), distributed.world())
+    # Computed by rank 0 for all: copies of a folder on several nodes are the same data with other file times.
+    identity["data_digest"] = distributed.main_decides(distributed.world(), splits_digest, splits)
     for own in ("seed", "epochs", "mixup", "max_steps"):  # the teacher has its own (teacher.seed, .epochs, …)
         identity["train"].pop(own)
     identity["train"].pop("strategy")  # how the ranks share the work, not what is trained
@@ -239,7 +239,7 @@ def prepare_teacher(config: Config, teacher: nn.Module, splits: Splits, out: Pat
     # Rank 0 decides (each node may have a cache directory of its own); train_all then gives every
     # rank rank 0's teacher.
     place = distributed.world()
-    if distributed.main_value(distributed.on_main(place, reuse), place):
+    if distributed.main_decides(place, reuse):
         return teacher
     # The teacher's own budget: teacher.epochs (train.max_steps is the students' budget).
     budget = dataclasses.replace(config.train, epochs=config.teacher.epochs, seed=config.teacher.seed, max_steps=None)
@@ -277,8 +277,8 @@ def prepare_cache(
     d = config.distill
     topk = (d.cache_topk, d.temperature) if d.cache_storage == "topk" else (None, None)
     # Rank 0's, like the cache it decides on (each node's copy of a folder has its own file times).
-    expected = distributed.main_value(
-        fingerprint(teacher, splits.train, augment, layers, d.cache_storage, *topk), distributed.world()
+    expected = distributed.main_decides(
+        distributed.world(), fingerprint, teacher, splits.train, augment, layers, d.cache_storage, *topk
     )
     if setting == "auto":
         key = hashlib.sha256(json.dumps(expected, sort_keys=True).encode()).hexdigest()[:16]
@@ -354,7 +354,7 @@ def build_cache(
             return False
 
     place = distributed.world()
-    if distributed.main_value(distributed.on_main(place, reusable), place):
+    if distributed.main_decides(place, reusable):
         return
     started = time.perf_counter()
     topk = (d.cache_topk, d.temperature) if d.cache_storage == "topk" else (None, None)
