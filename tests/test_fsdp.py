@@ -259,3 +259,25 @@ def test_a_sharded_model_is_evaluated_with_its_root_parameters_gathered(tmp_path
 def test_float16_is_refused_with_what_to_set():
     with pytest.raises(ConfigError, match=r"set train\.amp to bf16 or off"):
         fsdp.shard(torch.nn.Linear(2, 2), torch.device("cpu"), torch.float16)
+
+
+def test_an_epochs_weights_are_gathered_once_for_the_best_and_the_weights_file(tmp_path, monkeypatch):
+    from kdistill.pipeline import Supervised
+
+    gathered = []
+    full_state_dict = fsdp.full_state_dict
+    monkeypatch.setattr(fsdp, "full_state_dict", lambda model: gathered.append(1) or full_state_dict(model))
+    torch.manual_seed(0)
+    model = Stack()
+    task = Supervised(model)
+    train = TensorData(torch.randn(16, 8), torch.randint(0, 3, (16,)))
+    config = TrainConfig(epochs=2, lr=0.01, seed=0, device="cpu", strategy="fsdp")
+    trainer = Trainer(
+        task, task.parameters(), train, config, batch_size=8, eval_model=model, eval_sets={"validation": train},
+        run_dir=tmp_path,
+    )  # fmt: skip
+    trainer.fit()
+    # One gather per epoch's end, whether or not it is the best so far (epoch 1 always is): the best
+    # weights and the epoch's weights file share it.
+    assert len(gathered) == 2
+    assert (tmp_path / "student_best.safetensors").exists() and (tmp_path / "student.safetensors").exists()

@@ -188,7 +188,7 @@ def load_sharded(directory: Path, model: nn.Module, optimizer: torch.optim.Optim
         raise CheckpointError(f"{directory}: does not fit this run's models or settings: {first}") from None
 
 
-def remove_unused(run_dir: Path, keep: str | None) -> None:
+def remove_unused(run_dir: Path, keep: str) -> None:
     """Delete the ``checkpoint-*.dcp`` directories of ``run_dir`` other than ``keep``: superseded
     ones, and any that a crash left half-written (no ``checkpoint.pt`` names those)."""
     for directory in run_dir.glob("checkpoint-*.dcp"):

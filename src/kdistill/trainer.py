@@ -245,6 +245,7 @@ class Trainer:
         self.callbacks += list(callbacks)
         self.stop_requested = False
         self.resumed = False
+        self._gathered: dict[str, Tensor] | None = None  # eval_weights of the epoch's end, until saved
         self.running = _Running()
 
     # -- set-up ------------------------------------------------------------------------------
@@ -418,6 +419,7 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        self._gathered = None  # the weights changed
 
     def _evaluate(self) -> dict[str, float]:
         faults.reached("evaluate")
@@ -442,6 +444,7 @@ class Trainer:
         # Sharded: every rank writes its shards and gathers the weights; rank 0 writes the rest.
         sharded = fsdp.save_sharded(self.run_dir, self.model, self.optimizer) if self.sharded else None
         weights = self.eval_weights() if state["batch"] == 0 else None  # epoch boundary
+        self._gathered = None  # written below: not held through the next epoch
         if not self.writes:
             distributed.barrier(self.world)  # wait until rank 0 has written it
             return
@@ -467,8 +470,11 @@ class Trainer:
 
     def eval_weights(self) -> dict[str, Tensor]:
         """The eval model's whole weights. Every rank must call it: sharded weights are gathered
-        into rank 0's CPU memory (the other ranks get ``{}``)."""
-        return fsdp.full_state_dict(self.eval_model)
+        into rank 0's CPU memory (the other ranks get ``{}``), once per epoch's end — the best
+        weights (:class:`SelectBest`) and the epoch's weights file are the same gather."""
+        if self._gathered is None:
+            self._gathered = fsdp.full_state_dict(self.eval_model)
+        return self._gathered
 
     def _restore(self) -> tuple[dict[str, Any], list[dict[str, float]]]:
         if self.run_dir is None:
