@@ -201,8 +201,19 @@ class StopAfter(Callback):
             trainer.stop_requested = True
 
 
+class ShrinkAtEpochEnd(Callback):
+    """A user's callback that edits the weights once an epoch is evaluated (as pruning would)."""
+
+    def on_epoch_end(self, trainer, state, record) -> bool:
+        with torch.no_grad():
+            for parameter in trainer.eval_model.parameters():
+                parameter.mul_(0.9)
+        return False
+
+
 def evaluated_run(run_dir, strategy: str, stop_after: int | None = None, resume: bool = False) -> None:
-    """Two epochs of a plain classifier, evaluated after each outside the task's own forward."""
+    """Two epochs of a plain classifier, evaluated after each outside the task's own forward; a
+    callback edits the weights at each epoch's end."""
     from kdistill.pipeline import Supervised
 
     torch.manual_seed(0)
@@ -222,7 +233,7 @@ def evaluated_run(run_dir, strategy: str, stop_after: int | None = None, resume:
         eval_model=model,
         eval_sets={"validation": train},
         run_dir=run_dir,
-        callbacks=[StopAfter(stop_after)] if stop_after is not None else [],
+        callbacks=[ShrinkAtEpochEnd(), *([StopAfter(stop_after)] if stop_after is not None else [])],
     )
     trainer.fit(resume=resume)
 
@@ -249,11 +260,10 @@ def test_a_sharded_model_is_evaluated_with_its_root_parameters_gathered(tmp_path
         for run in ("multi", "resumed"):
             got = step_losses(tmp_path / run, key, kind="epoch")
             torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-4, atol=0)
-    # The best epoch's weights, gathered by both ranks, written whole by rank 0.
-    assert_same_weights(
-        read_state_dict(tmp_path / "multi" / "student_best.safetensors"),
-        read_state_dict(tmp_path / "single" / "student_best.safetensors"),
-    )
+    # The best epoch's weights and the last epoch's, gathered by both ranks after every callback,
+    # written whole by rank 0.
+    for name in ("student_best.safetensors", "student.safetensors"):
+        assert_same_weights(read_state_dict(tmp_path / "multi" / name), read_state_dict(tmp_path / "single" / name))
 
 
 def test_float16_is_refused_with_what_to_set():

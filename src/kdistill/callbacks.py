@@ -20,8 +20,6 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from kdistill.checkpoint import save_weights
-
 
 class Callback:
     """Does nothing; subclasses override what they need."""
@@ -140,12 +138,12 @@ class ProgressBar(Callback):
 
 
 class SelectBest(Callback):
-    """Keeps the epoch with the best ``select_on`` accuracy (its eval-model weights in ``best_path``,
-    written by rank 0, gathered by all when sharded) and stops after ``patience`` epochs without a
-    better one. ``select_on`` None: the last epoch is the chosen one."""
+    """Keeps the epoch with the best ``select_on`` accuracy in ``state["best_epoch"]`` (the trainer
+    writes its weights when it saves the epoch, after every callback) and stops after ``patience``
+    epochs without a better one. ``select_on`` None: the last epoch is the chosen one."""
 
-    def __init__(self, select_on: str | None, patience: int | None, best_path: Path | None) -> None:
-        self.select_on, self.patience, self.best_path = select_on, patience, best_path
+    def __init__(self, select_on: str | None, patience: int | None) -> None:
+        self.select_on, self.patience = select_on, patience
 
     def on_epoch_end(self, trainer: Any, state: dict[str, Any], record: dict[str, float]) -> bool:
         if self.select_on is None:
@@ -154,10 +152,6 @@ class SelectBest(Callback):
         accuracy = record[f"{self.select_on}/accuracy"]
         if state["best_accuracy"] is None or accuracy > state["best_accuracy"]:
             state["best_accuracy"], state["best_epoch"], state["stale"] = accuracy, record["epoch"], 0
-            if self.best_path is not None:
-                weights = trainer.eval_weights()  # on every rank
-                if trainer.writes:
-                    save_weights(weights, self.best_path)
         else:
             state["stale"] += 1
         if self.patience is not None and state["stale"] >= self.patience:

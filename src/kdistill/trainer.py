@@ -236,8 +236,9 @@ class Trainer:
         self.amp_dtype = None if fsdp.active(config.strategy) else amp_dtype(config.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         select = select_on if select_on in self.eval_sets else None
-        best = self.run_dir / f"{weights_name}_best.safetensors" if self.run_dir is not None else None
-        self.callbacks: list[Callback] = [SelectBest(select, config.early_stopping, best)]
+        # Written with the epoch that SelectBest chose, when the epoch is saved (_save).
+        self.best_path = self.run_dir / f"{weights_name}_best.safetensors" if self.run_dir and select else None
+        self.callbacks: list[Callback] = [SelectBest(select, config.early_stopping)]
         if self.writes:
             self.callbacks.append(MetricsWriter(self.run_dir))
         if self.world.is_main:
@@ -245,7 +246,6 @@ class Trainer:
         self.callbacks += list(callbacks)
         self.stop_requested = False
         self.resumed = False
-        self._gathered: dict[str, Tensor] | None = None  # eval_weights of the epoch's end, until saved
         self.running = _Running()
 
     # -- set-up ------------------------------------------------------------------------------
@@ -419,7 +419,6 @@ class Trainer:
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        self._gathered = None  # the weights changed
 
     def _evaluate(self) -> dict[str, float]:
         faults.reached("evaluate")
@@ -443,11 +442,14 @@ class Trainer:
             return
         # Sharded: every rank writes its shards and gathers the weights; rank 0 writes the rest.
         sharded = fsdp.save_sharded(self.run_dir, self.model, self.optimizer) if self.sharded else None
-        weights = self.eval_weights() if state["batch"] == 0 else None  # epoch boundary
-        self._gathered = None  # written below: not held through the next epoch
+        # At an epoch's end: the weights as every callback left them, gathered once (on every rank) for
+        # the epoch's weights file and, when SelectBest chose this epoch, the best weights.
+        weights = fsdp.full_state_dict(self.eval_model) if state["batch"] == 0 else None
         if not self.writes:
             distributed.barrier(self.world)  # wait until rank 0 has written it
             return
+        if weights is not None and self.best_path is not None and state["best_epoch"] == state["epoch"]:
+            save_weights(weights, self.best_path)  # before the checkpoint that records this epoch as the best
         if sharded is not None:
             tensors = {"sharded": sharded}
         else:
@@ -467,14 +469,6 @@ class Trainer:
         if weights is not None:  # the student's weights as of now
             save_weights(weights, self.run_dir / f"{self.weights_name}.safetensors")
         distributed.barrier(self.world)
-
-    def eval_weights(self) -> dict[str, Tensor]:
-        """The eval model's whole weights. Every rank must call it: sharded weights are gathered
-        into rank 0's CPU memory (the other ranks get ``{}``), once per epoch's end — the best
-        weights (:class:`SelectBest`) and the epoch's weights file are the same gather."""
-        if self._gathered is None:
-            self._gathered = fsdp.full_state_dict(self.eval_model)
-        return self._gathered
 
     def _restore(self) -> tuple[dict[str, Any], list[dict[str, float]]]:
         if self.run_dir is None:
