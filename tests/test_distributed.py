@@ -130,3 +130,40 @@ def test_torchrun_runs_the_cli_with_two_processes(tmp_path):
     assert result.stdout.count("| student |") == 1  # rank 0 alone reports
     assert (tmp_path / "run" / "report.json").exists()
     assert len(list((tmp_path / "run").rglob("metrics.jsonl"))) == 3  # teacher, baseline, distill: once each
+
+
+def _failing_on_main_worker(rank: int, init_file: str, tmp: str) -> None:
+    from kdistill import distributed
+    from kdistill.core.errors import KDistillError
+
+    def unreadable() -> str:
+        raise PermissionError("cache directory is not writable")
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        distributed.main_decides(distributed.world(), unreadable)
+    except (KDistillError, PermissionError) as error:
+        with open(os.path.join(tmp, f"rank{rank}"), "w") as handle:
+            handle.write(f"{type(error).__name__}: {error}")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_an_unexpected_error_on_rank_0_reaches_every_rank(tmp_path):
+    """~5 s. Rank 0 raises its own error; the others learn of it instead of waiting in the broadcast."""
+    import time
+
+    context = mp.start_processes(
+        _failing_on_main_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False
+    )
+    deadline = time.monotonic() + 60
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail("rank 1 waited forever for rank 0")
+    assert (tmp_path / "rank0").read_text() == "PermissionError: cache directory is not writable"
+    assert (tmp_path / "rank1").read_text() == (
+        "KDistillError: rank 0 failed: PermissionError: cache directory is not writable"
+    )

@@ -136,7 +136,9 @@ def barrier(place: World) -> None:
 
 def on_main(place: World, action, *args, **kwargs):
     """Run ``action`` on rank 0 only and return its result there (None on the other ranks); every
-    rank then raises rank 0's user error, if any, so that no rank waits forever for one that failed."""
+    rank then raises rank 0's user error, if any, so that no rank waits forever for one that failed.
+    Any other exception is raised as it is on rank 0, and as a :class:`KDistillError` naming it on
+    the other ranks."""
     return _on_main(place, action, args, kwargs, share=False)
 
 
@@ -149,17 +151,21 @@ def main_decides(place: World, action, *args, **kwargs):
 def _on_main(place: World, action, args: tuple, kwargs: dict, *, share: bool):
     from kdistill.core.errors import KDistillError
 
-    message, result = None, None
+    message, result, unexpected = None, None, None
     if place.is_main:
         try:
             result = action(*args, **kwargs)
         except KDistillError as error:
             message = str(error)
+        except Exception as error:  # a bug or an OSError: told to the others, raised as it is here
+            message, unexpected = f"rank 0 failed: {type(error).__name__}: {error}", error
     if place.distributed:
         box = [(message, result if share else None)]  # the error and the shared result: one broadcast
         dist.broadcast_object_list(box, src=0)
         message, shared = box[0]
         result = shared if share else result
+    if unexpected is not None:
+        raise unexpected
     if message is not None:
         error = KDistillError(message)
         error.from_main = True  # every rank raises it: the command line says it once
