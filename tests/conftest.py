@@ -67,3 +67,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: within a rank, the collection order
+
+
+def spawn_or_fail(worker, args: tuple, seconds: float, hang: str) -> None:
+    """Run ``worker(rank, *args)`` in 2 spawned processes; any still running after ``seconds`` are
+    killed and the test fails with ``hang`` (ranks that disagree wait for each other forever)."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    context = mp.start_processes(worker, args=args, nprocs=2, join=False, start_method="spawn")
+    deadline = time.monotonic() + seconds
+    while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(hang)

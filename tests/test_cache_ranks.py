@@ -10,7 +10,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from unittest import mock
 
@@ -23,7 +22,7 @@ from kdistill.cache import TeacherCache
 from kdistill.core.errors import KDistillError
 from kdistill.data import ShiftViews, TensorData
 from kdistill.distributed import World, world
-from tests.conftest import TinyConvNet
+from tests.conftest import TinyConvNet, spawn_or_fail
 
 SAMPLES, BATCH = 40, 16  # 3 batches per view (16, 16, 8); 3 views: 9 batches, 5 on rank 0 and 4 on rank 1
 STORAGES = ("float16", "topk")
@@ -86,13 +85,8 @@ def _build(rank: int, size: int, root: str, fail: str) -> None:
 
 def _spawn(root: Path, fail: str = "", timeout: float = 120) -> list[dict]:
     """Run ``_build`` on 2 processes; a rank still running after ``timeout`` seconds is a hang."""
-    context = mp.start_processes(_build, args=(2, str(root), fail), nprocs=2, join=False)
-    deadline = time.monotonic() + timeout
-    while not context.join(timeout=max(0.1, deadline - time.monotonic())):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"the ranks did not finish within {timeout} s: one waits for another that failed")
+    hang = f"the ranks did not finish within {timeout} s: one waits for another that failed"
+    spawn_or_fail(_build, (2, str(root), fail), timeout, hang)
     return [json.loads((root / f"rank{rank}.json").read_text()) for rank in range(2)]
 
 
@@ -249,14 +243,7 @@ def test_rank_0_decides_whether_a_trained_teacher_is_reused(tmp_path):
     path = cached_teacher_path(from_dict({"cache_dir": str(tmp_path / "cache0")}), _copy_splits(0))
     path.parent.mkdir(parents=True)
     save_weights(torch.nn.Linear(4, 3).state_dict(), path)
-    context = mp.start_processes(
-        _reuse_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False, start_method="spawn"
-    )
-    deadline = time.monotonic() + 60
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the ranks hung: one trained the teacher while the other had loaded it")
+    hang = "the ranks hung: one trained the teacher while the other had loaded it"
+    spawn_or_fail(_reuse_worker, (str(tmp_path / "init"), str(tmp_path)), 60, hang)
     assert (tmp_path / "reused0").exists() and (tmp_path / "reused1").exists()
     assert not (tmp_path / "run" / "teacher").exists()  # nobody trained

@@ -152,17 +152,10 @@ def _failing_on_main_worker(rank: int, init_file: str, tmp: str) -> None:
 @pytest.mark.slow
 def test_an_unexpected_error_on_rank_0_reaches_every_rank(tmp_path):
     """~5 s. Rank 0 raises its own error; the others learn of it instead of waiting in the broadcast."""
-    import time
+    from tests.conftest import spawn_or_fail
 
-    context = mp.start_processes(
-        _failing_on_main_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=False
-    )
-    deadline = time.monotonic() + 60
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail("rank 1 waited forever for rank 0")
+    hang = "rank 1 waited forever for rank 0"
+    spawn_or_fail(_failing_on_main_worker, (str(tmp_path / "init"), str(tmp_path)), 60, hang)
     assert (tmp_path / "rank0").read_text() == "PermissionError: cache directory is not writable"
     assert (tmp_path / "rank1").read_text() == (
         "KDistillError: rank 0 failed: PermissionError: cache directory is not writable"

@@ -5,12 +5,10 @@ from __future__ import annotations
 import json
 import os
 import signal
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from kdistill import distributed
@@ -171,18 +169,9 @@ def _early_stop_worker(rank: int, world: int, init_file: str, out_dir: str) -> N
 
 @pytest.mark.slow
 def test_early_stopping_is_decided_once_for_all_ranks(tmp_path):
-    context = mp.start_processes(
-        _early_stop_worker,
-        args=(2, str(tmp_path / "init"), str(tmp_path)),
-        nprocs=2,
-        join=False,
-        start_method="spawn",
-    )
-    deadline = time.monotonic() + 120
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:  # ranks that disagree wait for each other forever
-            for process in context.processes:
-                process.kill()
-            pytest.fail("the ranks hung: they disagreed about stopping")
+    from tests.conftest import spawn_or_fail
+
+    hang = "the ranks hung: they disagreed about stopping"
+    spawn_or_fail(_early_stop_worker, (2, str(tmp_path / "init"), str(tmp_path)), 120, hang)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]
