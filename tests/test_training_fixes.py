@@ -175,3 +175,29 @@ def test_early_stopping_is_decided_once_for_all_ranks(tmp_path):
     spawn_or_fail(_early_stop_worker, (2, str(tmp_path / "init"), str(tmp_path)), 120, hang)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     assert ranks[0] == ranks[1]
+
+
+def test_a_crash_once_the_last_checkpoint_is_written_leaves_the_last_epochs_weights(tmp_path, monkeypatch):
+    from kdistill import trainer as trainer_module
+    from kdistill.checkpoint import read_state_dict
+
+    trainer_for(toy_model(), tmp_path / "whole", epochs=2).fit()
+    save_checkpoint, saved = trainer_module.save_checkpoint, []
+
+    def crash_after_the_last(payload, path):
+        save_checkpoint(payload, path)
+        saved.append(payload["state"]["epoch"])
+        if payload["state"]["epoch"] == 2:  # in force now: the process dies before anything else
+            raise SystemExit("killed")
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", crash_after_the_last)
+    with pytest.raises(SystemExit):
+        trainer_for(toy_model(), tmp_path / "crashed", epochs=2).fit()
+    monkeypatch.setattr(trainer_module, "save_checkpoint", save_checkpoint)
+    trainer_for(toy_model(), tmp_path / "crashed", epochs=2).fit(resume=True)  # finished: nothing left to run
+    assert saved == [1, 2]
+    want = read_state_dict(tmp_path / "whole" / "student.safetensors")
+    got = read_state_dict(tmp_path / "crashed" / "student.safetensors")
+    assert want.keys() == got.keys()
+    for key in want:
+        assert torch.equal(got[key], want[key]), key  # the same process, machine and seed: the same bits

@@ -448,8 +448,12 @@ class Trainer:
         if not self.writes:
             distributed.barrier(self.world)  # wait until rank 0 has written it
             return
+        # Written before the checkpoint that records the epoch: a crash in between redoes the epoch,
+        # which writes them again; written after, a crash would leave the last epoch's files stale.
         if weights is not None and self.best_path is not None and state["best_epoch"] == state["epoch"]:
-            save_weights(weights, self.best_path)  # before the checkpoint that records this epoch as the best
+            save_weights(weights, self.best_path)
+        if weights is not None:  # the student's weights as of now
+            save_weights(weights, self.run_dir / f"{self.weights_name}.safetensors")
         if sharded is not None:
             tensors = {"sharded": sharded}
         else:
@@ -466,8 +470,6 @@ class Trainer:
         save_checkpoint(payload, self.run_dir / "checkpoint.pt")  # from here on the new checkpoint is in force
         if sharded is not None:
             fsdp.remove_unused(self.run_dir, keep=sharded)
-        if weights is not None:  # the student's weights as of now
-            save_weights(weights, self.run_dir / f"{self.weights_name}.safetensors")
         distributed.barrier(self.world)
 
     def _restore(self) -> tuple[dict[str, Any], list[dict[str, float]]]:
